@@ -1,0 +1,177 @@
+"""`dgnb` command line: bench, train, eval, data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, preset
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if getattr(args, "sources", None):
+        o["data.sources"] = args.sources.split(",")
+    if getattr(args, "targets", None):
+        o["data.targets"] = args.targets.split(",")
+    if getattr(args, "data_root", None):
+        o["data.root"] = args.data_root
+    if getattr(args, "iterations", None):
+        o["train.iterations"] = args.iterations
+    if getattr(args, "device", None):
+        o["train.device"] = args.device
+    if getattr(args, "amp", None):
+        o["train.amp"] = args.amp
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE (e.g. train.iterations=100 or hparams.aux_weight=0.2), got '{item}'")
+        key, value = item.split("=", 1)
+        try:
+            o[key] = json.loads(value)
+        except json.JSONDecodeError:
+            o[key] = value
+    return o
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="quick", choices=PRESETS)
+    p.add_argument("--sources", help="comma-separated source datasets (default: the preset's)")
+    p.add_argument("--targets", help="comma-separated target datasets (default: the preset's)")
+    p.add_argument("--data-root", help="folder holding the datasets (default: the preset's)")
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="any config field, e.g. data.batch_per_domain=2")
+    p.add_argument("--force", action="store_true", help="retrain even if the run cache holds the run")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .engine.bench import bench
+    from .methods import REGISTRY
+
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in REGISTRY:
+            raise SystemExit(f"unknown method '{m}'; registered methods: {','.join(sorted(REGISTRY))}")
+    res = bench(args.preset, methods, args.seeds, _overrides(args), args.force, args.out, not args.no_progress)
+    print(res["table"])
+    if args.out:
+        print(f"\nwrote {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .engine.runs import train
+
+    cfg = preset(args.preset, args.method, args.seed, **_overrides(args))
+    run = train(cfg, force=args.force, progress=not args.no_progress)
+    if run.complete:
+        m = run.metrics
+        print(json.dumps({k: m[k] for k in ("method", "seed", "source_val_miou", "target_miou", "train_seconds")}, indent=2))
+    print(f"run folder: {run.dir}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .engine.runs import Run, evaluate_domains
+
+    run = Run.open(args.run)
+    cfg = run.config
+    if args.data_root:
+        cfg.data.root = args.data_root
+    if args.protocol:
+        cfg.data.protocol = args.protocol
+    domains = args.domains.split(",") if args.domains else cfg.data.sources + cfg.data.targets
+    method = run.load_method(args.device or "auto")
+    results = evaluate_domains(method, cfg, domains, args.split)
+    print("| domain | mIoU | pixel acc |\n|---|---|---|")
+    for name, m in results.items():
+        print(f"| {name} | {m.miou:.2f} | {m.accuracy:.2f} |")
+    if args.per_class:
+        for name, m in results.items():
+            print(f"\n{name}: " + ", ".join(f"{c} {v:.1f}" for c, v in m.per_class().items()))
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from .data import city
+
+    if args.action == "list":
+        for name, d in city.DOMAINS.items():
+            print(f"{name:16s} {d.role:10s} {d.description}")
+        print("\nknobs (severity 0-5): " + ", ".join(city.KNOBS))
+        return
+    cfg = preset(args.preset)
+    root = args.root or cfg.data.root
+    c = cfg.data.city
+    if args.action == "generate":
+        domains = args.domains.split(",") if args.domains else list(city.DOMAINS)
+        city.ensure_city(root, domains=domains, splits={"train": c["train"], "val": c["val"]}, size=tuple(c["size"]),
+                         seed=c["seed"], progress=True)
+        print(f"city domains {domains} ready under {root}")
+    elif args.action == "inspect":
+        from .data.inspect import describe_dataset
+
+        for name in (args.domains.split(",") if args.domains else sorted(p.name for p in Path(root).iterdir() if (p / "meta.json").is_file())):
+            print(describe_dataset(root, name))
+    elif args.action == "render":
+        from .viz.figures import knob_sweep_figure
+
+        if not args.domains or not args.knob:
+            raise SystemExit("dgnb data render needs --domains NAME and --knob KNOB (see `dgnb data list`)")
+        fig = knob_sweep_figure(args.domains.split(",")[0], args.knob, index=args.index, size=tuple(c["size"]))
+        out = args.out or f"{args.domains}_{args.knob}.png"
+        fig.savefig(out, dpi=120, bbox_inches="tight")
+        print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .methods import REGISTRY
+
+    parser = argparse.ArgumentParser(prog="dgnb", description="Domain generalization / adaptation course toolkit")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("bench", help="train/load methods x seeds and print the mIoU table")
+    _common(p)
+    p.add_argument("--methods", default="erm", help=f"comma-separated, from: {','.join(sorted(REGISTRY))}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--out", help="write the JSON results here")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("train", help="train one run (or return it from the run cache)")
+    _common(p)
+    p.add_argument("--method", default="erm", choices=sorted(REGISTRY))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on datasets")
+    p.add_argument("run", help="run folder (printed by dgnb train)")
+    p.add_argument("--domains", help="comma-separated datasets (default: the run's sources and targets)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--protocol", choices=("19", "16", "13"))
+    p.add_argument("--data-root")
+    p.add_argument("--device")
+    p.add_argument("--per-class", action="store_true")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("data", help="the procedural city: list, generate, inspect, render a knob sweep")
+    p.add_argument("action", choices=("list", "generate", "inspect", "render"))
+    p.add_argument("--preset", default="quick", choices=PRESETS)
+    p.add_argument("--root")
+    p.add_argument("--domains")
+    p.add_argument("--knob")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--out")
+    p.set_defaults(fn=cmd_data)
+
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dgnb: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Run configuration and the three presets.
+
+- `smoke`: seconds; tests and CI execute every notebook with it.
+- `quick`: minutes on 2 CPU cores; the notebooks' default. The narrow ResNet on the procedural city.
+- `paper`: GPU and real datasets with the papers' recipe (DeepLabv3+ ResNet-50 OS16, crop 768,
+  SGD 0.01 poly, 40k iterations); point `data.root` (or $DGNB_DATA) at data converted by data_tools.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .methods.base import OptimConfig
+from .models import ModelConfig
+
+PRESETS = ("smoke", "quick", "paper")
+
+
+def dgnb_home() -> Path:
+    """Where data and runs live: $DGNB_HOME, else the checkout holding this package, else ~/.cache/dgnb."""
+    if "DGNB_HOME" in os.environ:
+        return Path(os.environ["DGNB_HOME"]).expanduser()
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout
+    return Path.home() / ".cache" / "dgnb"
+
+
+@dataclass
+class DataConfig:
+    root: str = ""                      # data root; the procedural city is generated here when missing
+    sources: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    city: dict[str, Any] | None = None  # generation parameters of the procedural city (None: real data only)
+    crop: tuple[int, int] = (96, 192)
+    base_size: tuple[int, int] = (128, 256)
+    scale: tuple[float, float] = (0.75, 1.25)
+    color_jitter: float = 0.0
+    batch_per_domain: int = 4
+    eval_size: tuple[int, int] | None = None
+    eval_limit: int | None = None       # images per domain in the final evaluation (None: all)
+    val_limit: int | None = 60          # images per source domain in periodic evaluation
+    train_limit: int | None = None
+    eval_batch_size: int = 8
+    num_workers: int = 0
+    protocol: str = "19"                # class subset for mIoU: 19, 16 or 13 (SYNTHIA)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 600
+    eval_every: int = 200
+    checkpoint_every: int = 100
+    log_every: int = 10
+    device: str = "auto"   # auto | cpu | cuda | cuda:N
+    amp: str = "auto"      # auto (bf16 on CUDA if supported, else fp16; off on CPU) | off | bf16 | fp16
+
+
+@dataclass
+class RunConfig:
+    method: str = "erm"
+    preset: str = "quick"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        return cls(
+            method=d["method"], preset=d["preset"], seed=d["seed"], hparams=dict(d.get("hparams", {})),
+            model=_build(ModelConfig, d["model"]), optim=_build(OptimConfig, d["optim"]),
+            data=_build(DataConfig, d["data"]), train=_build(TrainConfig, d["train"]),
+        )
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid: {sorted(names)}")
+    out = {}
+    for k, v in values.items():
+        out[k] = tuple(v) if isinstance(v, list) and "tuple" in str(names[k].type) else v
+    return cls(**out)
+
+
+def _city_roles() -> tuple[list[str], list[str]]:
+    from .data.city import DOMAINS
+
+    sources = [n for n, d in DOMAINS.items() if d.role == "source"]
+    return sources, [n for n, d in DOMAINS.items() if d.role != "source"]
+
+
+def preset(name: str, method: str = "erm", seed: int = 0, **overrides: Any) -> RunConfig:
+    """The configuration of `preset` for `method`. `overrides` replace fields by dotted path,
+    e.g. `preset("quick", "erm", **{"train.iterations": 100, "data.sources": ["source_a"]})`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; choose one of {PRESETS}")
+    home = dgnb_home()
+    if name in ("smoke", "quick"):
+        sources, targets = _city_roles()
+        cfg = RunConfig(method=method, preset=name, seed=seed)
+        cfg.data.sources, cfg.data.targets = sources, targets
+        cfg.model = ModelConfig(backbone="resnet_tiny", head="deeplabv3plus", output_stride=8, head_channels=48,
+                                low_proj=16, decoder_channels=32, aspp_rates=(4, 8, 12))
+        if name == "quick":
+            cfg.data.root = str(home / "data" / "city")
+            cfg.data.city = {"train": 600, "val": 150, "size": [128, 256], "seed": 0}
+            cfg.optim = OptimConfig(lr=0.02, iterations=600)
+            cfg.train = TrainConfig(iterations=600, eval_every=200, checkpoint_every=100)
+            cfg.data.batch_per_domain = 3
+        else:
+            cfg.data.root = str(home / "data" / "city-smoke")
+            cfg.data.city = {"train": 12, "val": 6, "size": [64, 128], "seed": 0}
+            cfg.data.crop, cfg.data.base_size = (64, 96), (64, 128)
+            cfg.data.batch_per_domain, cfg.data.val_limit = 2, 6
+            cfg.optim = OptimConfig(lr=0.02, iterations=6)
+            cfg.train = TrainConfig(iterations=6, eval_every=3, checkpoint_every=3, log_every=1)
+    else:  # paper
+        cfg = RunConfig(method=method, preset=name, seed=seed)
+        cfg.data = DataConfig(
+            root=os.environ.get("DGNB_DATA", str(home / "data" / "real")), sources=["gtav", "synthia"],
+            targets=["cityscapes", "bdd100k", "mapillary"], city=None, crop=(768, 768), base_size=(1024, 2048),
+            scale=(0.5, 2.0), color_jitter=0.4, batch_per_domain=4, eval_size=(1024, 2048), eval_batch_size=1,
+            val_limit=100, num_workers=8,
+        )
+        cfg.model = ModelConfig(backbone="resnet50", head="deeplabv3plus", output_stride=16, pretrained=True,
+                                head_channels=256, low_proj=48, aspp_rates=(6, 12, 18))
+        cfg.optim = OptimConfig(lr=0.01, iterations=40000)
+        cfg.train = TrainConfig(iterations=40000, eval_every=5000, checkpoint_every=1000, log_every=50)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return a copy with dotted-path fields replaced; `train.iterations` also sets the LR schedule length."""
+    cfg = copy.deepcopy(cfg)
+    for path, value in overrides.items():
+        obj, *rest = path.split(".")
+        if not rest:
+            if not hasattr(cfg, obj) or obj in ("model", "optim", "data", "train"):
+                raise ValueError(f"unknown config field '{path}'")
+            setattr(cfg, obj, value)
+            continue
+        if obj == "hparams":
+            cfg.hparams[rest[0]] = value
+            continue
+        target = getattr(cfg, obj, None)
+        if target is None or not dataclasses.is_dataclass(target) or not hasattr(target, rest[0]):
+            raise ValueError(f"unknown config field '{path}'")
+        setattr(target, rest[0], value)
+        if path == "train.iterations":
+            cfg.optim.iterations = value
+    return cfg

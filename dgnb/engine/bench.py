@@ -1,0 +1,68 @@
+"""`dgnb bench`: train (or load from the run cache) methods x seeds, tabulate mIoU per domain."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import RunConfig, preset
+from ..data.folder import read_meta
+from ..io import atomic_write_json
+from .runs import prepare_data, train
+
+
+def domain_roles(cfg: RunConfig) -> dict[str, dict[str, str]]:
+    """name -> {role, description}: from the city presets, else from each dataset's meta.json."""
+    out = {}
+    city = {}
+    if cfg.data.city is not None:
+        from ..data.city import DOMAINS as city
+    for name in cfg.data.sources + cfg.data.targets:
+        if name in city:
+            d = city[name]
+            role, desc = d.role, d.description
+        else:
+            meta = read_meta(cfg.data.root, name)
+            role = "source" if name in cfg.data.sources else meta.get("role", "target")
+            desc = meta.get("description", meta.get("name", name))
+        out[name] = {"role": "source" if name in cfg.data.sources else role, "description": desc}
+    return out
+
+
+def _fmt(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def markdown_table(runs: list[dict[str, Any]], domains: dict[str, dict[str, str]]) -> str:
+    """One row per method: source val, each target (role), mean target, train seconds; mean ± std over seeds."""
+    targets = [d for d, r in domains.items() if r["role"] != "source"]
+    head = ["method", "seeds", "source val"] + [f"{t} ({domains[t]['role']})" for t in targets] + ["mean target", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == method]
+        cells = [method, str(len(rs)), _fmt([r["source_val_miou"] for r in rs])]
+        cells += [_fmt([r["target_miou"][t] for r in rs]) for t in targets]
+        cells += [_fmt([r["mean_target_miou"] for r in rs]) if targets else "-", _fmt([r["train_seconds"] for r in rs])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overrides: dict[str, Any] | None = None,
+          force: bool = False, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run every (method, seed); return {"preset", "domains", "runs", "table"} and write it to `out`."""
+    configs = [preset(preset_name, m, s, **(overrides or {})) for m in methods for s in seeds]
+    if not configs:
+        raise ValueError("no runs: give at least one method and one seed")
+    prepare_data(configs[0], progress)
+    domains = domain_roles(configs[0])
+    runs = []
+    for cfg in configs:
+        run = train(cfg, force=force, progress=progress)
+        runs.append({**run.metrics, "run_dir": str(run.dir)})
+    result = {"preset": preset_name, "domains": domains, "runs": runs, "table": markdown_table(runs, domains)}
+    if out is not None:
+        atomic_write_json(out, result)
+    return result

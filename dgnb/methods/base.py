@@ -1,0 +1,200 @@
+"""The method interface (in the spirit of DomainBed's `algorithms.py`).
+
+A method owns its networks, optimizers, schedulers and losses. The engine calls
+`training_step(batch)` once per iteration (the method may run several forward/backward passes and
+optimizer steps inside it: meta-learning and adversarial training need that), then
+`end_iteration()`. `predict(images)` gives class scores for evaluation.
+
+A batch is a dict on the method's device:
+    image  (N, 3, h, w) float in [0, 1]   source images, domain-major (b images of domain 0, then 1, ...)
+    label  (N, h, w) int64                train ids, 255 = ignore
+    domain (N,) int64                     index of the source domain of each image
+    target_image (M, 3, h, w)             unlabeled target images (UDA methods only)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..models import ModelConfig, Segmenter
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make a method available by its `name` (CLI, configs, run cache)."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class OptimConfig:
+    """SGD with polynomial decay (DeepLab recipe): lr_t = lr (1 - t/T)^power."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    head_lr_mult: float = 1.0  # UDA papers use 10x on the classifier heads
+    iterations: int = 1000
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `name`, `Hparams` (a dataclass) and implement `training_step`."""
+
+    name: ClassVar[str] = ""
+    uda: ClassVar[bool] = False  # needs unlabeled target images in the batch
+
+    @dataclass
+    class Hparams:
+        aux_weight: float = 0.4
+
+    def __init__(self, model_cfg: ModelConfig, optim: OptimConfig, num_domains: int, hparams: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.hp = make_hparams(self.Hparams, hparams or {}, self.name)
+        self.optim_cfg = optim
+        self.num_domains = num_domains
+        self.model = Segmenter(model_cfg)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
+        self.scaler: torch.amp.GradScaler | None = None
+        self.amp_dtype: torch.dtype | None = None
+        self.iteration = 0
+
+    # ----- set-up -------------------------------------------------------------------------
+    def setup(self, device: torch.device, amp_dtype: torch.dtype | None = None) -> "Method":
+        """Move to `device`, build optimizers (after the move) and the AMP grad scaler."""
+        self.to(device)
+        self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.configure_optimizers()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def configure_optimizers(self) -> None:
+        """Default: one SGD over the segmenter, heads at `head_lr_mult`, poly schedule."""
+        self.add_sgd("main", self.param_groups(self.model))
+
+    def param_groups(self, model: Segmenter) -> list[dict[str, Any]]:
+        head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+        return [
+            {"params": list(model.backbone.parameters()), "lr": self.optim_cfg.lr},
+            {"params": head, "lr": self.optim_cfg.lr * self.optim_cfg.head_lr_mult},
+        ]
+
+    def add_sgd(self, key: str, groups: list[dict[str, Any]] | Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+        c = self.optim_cfg
+        opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        self.optimizers[key] = opt
+        self.schedulers[key] = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=c.iterations, power=c.poly_power)
+        return opt
+
+    # ----- the training iteration -----------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def end_iteration(self) -> None:
+        """Called by the engine after each `training_step`: advance schedules and the counter."""
+        for s in self.schedulers.values():
+            s.step()
+        self.iteration += 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision on CUDA when the engine asked for it; a no-op otherwise."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(**kwargs)
+
+    def step(self, key: str = "main") -> None:
+        """Average gradients over processes (torchrun), apply optimizer `key`, clear its gradients."""
+        opt = self.optimizers[key]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            all_reduce_grads([p for g in opt.param_groups for p in g["params"]])
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # ----- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Class scores (B, K, H, W) for images in [0, 1]."""
+        with self.autocast():
+            return self.model(images).logits.float()
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """Non-tensor state a subclass must keep across a resume (stage counters, thresholds...)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed for an exact resume: modules and buffers, optimizers, schedules."""
+        return {
+            "module": self.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "iteration": self.iteration,
+            "extra": self.extra_state(),
+        }
+
+    def load_checkpoint_state(self, state: dict[str, Any], weights_only: bool = False) -> None:
+        self.load_state_dict(state["module"])
+        self.iteration = state["iteration"]
+        self.load_extra_state(state.get("extra", {}))
+        if weights_only:
+            return
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Average `.grad` over all processes in one flat all-reduce (what DDP does per bucket)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def make_hparams(cls: type, values: dict[str, Any], method: str) -> Any:
+    """Build the method's hyperparameter dataclass; an unknown name is an error listing the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {unknown} for method '{method}'; valid: {sorted(names)}")
+    return cls(**values)
+
+
+def build_method(name: str, model_cfg: ModelConfig, optim: OptimConfig, num_domains: int,
+                 hparams: dict[str, Any] | None = None) -> Method:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method '{name}'; registered methods: {sorted(REGISTRY)}")
+    return REGISTRY[name](model_cfg, optim, num_domains, hparams)

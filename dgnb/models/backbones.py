@@ -1,0 +1,106 @@
+"""ResNet backbones with a fixed stage interface: stem, layer1..layer4.
+
+torchvision's ResNets supply the blocks and the weights; `resnet_tiny` is a narrow ResNet built
+from the same torchvision `BasicBlock` so that every method runs unchanged on 2 CPU cores.
+Output stride 8 or 16 is reached by dilating the last stage(s) instead of striding (DeepLab).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def _dilate_stage(layer: nn.Sequential, dilation: int, previous: int) -> None:
+    """Turn a strided stage into a dilated one (stride 1, 3x3 convs dilated), in place.
+
+    Same rule as torchvision's `replace_stride_with_dilation` (the first block keeps the previous
+    stage's rate), which only exists for Bottleneck; this covers BasicBlock too.
+    """
+    for i, block in enumerate(layer):
+        d = previous if i == 0 else dilation
+        for conv in (m for m in block.modules() if isinstance(m, nn.Conv2d)):
+            if conv.stride == (2, 2):
+                conv.stride = (1, 1)
+            if conv.kernel_size == (3, 3):
+                conv.dilation, conv.padding = (d, d), (d, d)
+
+
+class ResNetBackbone(nn.Module):
+    """Stages of a ResNet; `forward` returns the dict of all five stage outputs."""
+
+    def __init__(self, net: resnet.ResNet, output_stride: int = 16) -> None:
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        if output_stride == 16:
+            _dilate_stage(self.layer4, 2, previous=1)
+        elif output_stride == 8:
+            _dilate_stage(self.layer3, 2, previous=1)
+            _dilate_stage(self.layer4, 4, previous=2)
+        self.output_stride = output_stride
+        self.channels = {
+            "stem": net.conv1.out_channels,
+            **{name: _out_channels(getattr(self, name)) for name in STAGES[1:]},
+        }
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = {}
+        for name in STAGES:
+            x = getattr(self, name)(x)
+            feats[name] = x
+        return feats
+
+
+def _out_channels(layer: nn.Sequential) -> int:
+    last = layer[-1]
+    return (last.bn3 if isinstance(last, Bottleneck) else last.bn2).num_features
+
+
+class TinyResNet(resnet.ResNet):
+    """A narrow ResNet (widths `widths`, one BasicBlock per stage by default) with torchvision's layout."""
+
+    def __init__(self, widths: tuple[int, int, int, int] = (16, 32, 64, 128), blocks=(1, 1, 1, 1)) -> None:
+        nn.Module.__init__(self)
+        self._norm_layer = nn.BatchNorm2d
+        self.dilation, self.groups, self.base_width = 1, 1, 64
+        self.inplanes = widths[0]
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(BasicBlock, widths[0], blocks[0])
+        self.layer2 = self._make_layer(BasicBlock, widths[1], blocks[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], blocks[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], blocks[3], stride=2)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+_TORCHVISION: dict[str, tuple[Callable[..., resnet.ResNet], object]] = {
+    "resnet18": (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet50": (resnet.resnet50, resnet.ResNet50_Weights.IMAGENET1K_V2),
+    "resnet101": (resnet.resnet101, resnet.ResNet101_Weights.IMAGENET1K_V2),
+}
+BACKBONES = ("resnet_tiny", *_TORCHVISION)
+
+
+def build_backbone(name: str, output_stride: int = 16, pretrained: bool = False) -> ResNetBackbone:
+    """Build a backbone by name; `pretrained=True` loads torchvision's ImageNet weights (needs them cached)."""
+    if name == "resnet_tiny":
+        if pretrained:
+            raise ValueError("resnet_tiny has no pretrained weights; use pretrained=False.")
+        return ResNetBackbone(TinyResNet(), output_stride)
+    if name not in _TORCHVISION:
+        raise ValueError(f"unknown backbone '{name}'; choose one of {BACKBONES}")
+    fn, weights = _TORCHVISION[name]
+    return ResNetBackbone(fn(weights=weights if pretrained else None), output_stride)
