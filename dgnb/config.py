@@ -102,6 +102,29 @@ def _city_roles() -> tuple[list[str], list[str]]:
     return sources, [n for n, d in DOMAINS.items() if d.role != "source"]
 
 
+# Paper-scale evaluation resolution (W x H) per real dataset (methods.md §1.1, §4.5; datasets.md §3): whole image,
+# single scale. data_tools stores each dataset at it, so `eval_size=None` evaluates every target at its own size:
+# Cityscapes and BDD100K as downloaded; Mapillary val converted with `--resize 1536 --square` (RobustNet/SPC).
+PAPER_EVAL_RESOLUTION = {"cityscapes": (2048, 1024), "bdd100k": (1280, 720), "mapillary": (1536, 1536),
+                         "gtav": (1914, 1052), "synthia": (1280, 760), "idd": (1920, 1080)}
+PAPER_CITY = {"train": 600, "val": 150, "size": [128, 256], "seed": 0}  # procedural domains mixed into a paper run
+
+
+def _paper_domains(cfg: RunConfig, overrides: dict[str, Any]) -> None:
+    """Paper preset: SYNTHIA as the only source is scored on the 16-class protocol; naming procedural-city
+    domains next to real ones generates them under the same data root, so both kinds mix in one run."""
+    sources = list(overrides.get("data.sources", cfg.data.sources))
+    targets = list(overrides.get("data.targets", cfg.data.targets))
+    if sources == ["synthia"]:
+        cfg.data.protocol = "16"
+    try:
+        from .data.city import DOMAINS
+    except ImportError:
+        DOMAINS = {}
+    if set(sources + targets) & set(DOMAINS):
+        cfg.data.city = dict(PAPER_CITY)
+
+
 def preset(name: str, method: str = "erm", seed: int = 0, **overrides: Any) -> RunConfig:
     """The configuration of `preset` for `method`. `overrides` replace fields by dotted path,
     e.g. `preset("quick", "erm", **{"train.iterations": 100, "data.sources": ["source_a"]})`."""
@@ -112,13 +135,13 @@ def preset(name: str, method: str = "erm", seed: int = 0, **overrides: Any) -> R
         sources, targets = _city_roles()
         cfg = RunConfig(method=method, preset=name, seed=seed)
         cfg.data.sources, cfg.data.targets = sources, targets
-        cfg.model = ModelConfig(backbone="resnet_tiny", head="deeplabv3plus", output_stride=8, head_channels=48,
-                                low_proj=16, decoder_channels=32, aspp_rates=(4, 8, 12))
+        cfg.model = ModelConfig(backbone="resnet_tiny", head="deeplabv3plus", output_stride=16, head_channels=48,
+                                low_proj=16, decoder_channels=32, aspp_rates=(2, 4, 6))
         if name == "quick":
             cfg.data.root = str(home / "data" / "city")
             cfg.data.city = {"train": 600, "val": 150, "size": [128, 256], "seed": 0}
-            cfg.optim = OptimConfig(lr=0.02, iterations=600)
-            cfg.train = TrainConfig(iterations=600, eval_every=200, checkpoint_every=100)
+            cfg.optim = OptimConfig(lr=0.05, iterations=1000)
+            cfg.train = TrainConfig(iterations=1000, eval_every=250, checkpoint_every=100)
             cfg.data.batch_per_domain = 3
         else:
             cfg.data.root = str(home / "data" / "city-smoke")
@@ -132,9 +155,10 @@ def preset(name: str, method: str = "erm", seed: int = 0, **overrides: Any) -> R
         cfg.data = DataConfig(
             root=os.environ.get("DGNB_DATA", str(home / "data" / "real")), sources=["gtav", "synthia"],
             targets=["cityscapes", "bdd100k", "mapillary"], city=None, crop=(768, 768), base_size=(1024, 2048),
-            scale=(0.5, 2.0), color_jitter=0.4, batch_per_domain=4, eval_size=(1024, 2048), eval_batch_size=1,
+            scale=(0.5, 2.0), color_jitter=0.4, batch_per_domain=4, eval_size=None, eval_batch_size=1,
             val_limit=100, num_workers=8,
-        )
+        )  # eval_size None: each target whole, at the resolution data_tools stored (PAPER_EVAL_RESOLUTION)
+        _paper_domains(cfg, overrides)
         cfg.model = ModelConfig(backbone="resnet50", head="deeplabv3plus", output_stride=16, pretrained=True,
                                 head_channels=256, low_proj=48, aspp_rates=(6, 12, 18))
         cfg.optim = OptimConfig(lr=0.01, iterations=40000)

@@ -16,16 +16,18 @@ import numpy as np
 from PIL import Image
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (same-folder temp file + os.replace)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = True) -> None:
+    """Write `data` to `path` atomically (same-folder temp file + os.replace); `fsync=False` skips the
+    flush to disk (still never a torn file, just not durable across a power cut: fine for regenerable data)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,9 +44,9 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def atomic_save_png(path: str | os.PathLike, array: np.ndarray) -> None:
+def atomic_save_png(path: str | os.PathLike, array: np.ndarray, fsync: bool = True) -> None:
     """Save a uint8 (H, W) or (H, W, 3) array as PNG atomically."""
-    atomic_write_bytes(path, encode_png(array))
+    atomic_write_bytes(path, encode_png(array), fsync)
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:

@@ -9,7 +9,9 @@ resumes it when a checkpoint exists, and retrains from scratch with `force=True`
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,19 +33,47 @@ from .evaluate import SegMetrics, evaluate
 from .train import CHECKPOINT, fit, resolve_amp, resolve_device, seed_everything, write_log
 
 
-@lru_cache(maxsize=1)
-def library_fingerprint() -> str:
-    """Hash of the version and every source file of the package."""
+# Modules that cannot change a run's result: presentation, the command line, tools around runs.
+_NOT_KEYED = ("viz/", "analysis.py", "cli.py", "engine/bench.py", "data/inspect.py")
+
+
+@lru_cache(maxsize=None)
+def library_fingerprint(method: str = "") -> str:
+    """Hash of the version and of the source files a run of `method` depends on: the whole library except
+    presentation code and the *other* methods' modules (editing one method keeps the others' runs cached)."""
     h = hashlib.sha256(__version__.encode())
     pkg = Path(__file__).resolve().parents[1]
     for path in sorted(pkg.rglob("*.py")):
-        h.update(str(path.relative_to(pkg)).encode())
+        rel = path.relative_to(pkg).as_posix()
+        if rel.startswith(_NOT_KEYED) or (rel.startswith("methods/") and rel not in _method_files(method, pkg)):
+            continue
+        h.update(rel.encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
 
+def _method_files(method: str, pkg: Path) -> set[str]:
+    """`methods/` files a method's module depends on: base, losses, its module, and what that imports."""
+    from ..methods import REGISTRY
+
+    keep = {"methods/base.py", "methods/losses.py"}
+    cls = REGISTRY.get(method)
+    if cls is None:
+        return keep
+    todo = [Path(inspect.getfile(cls)).resolve()]
+    while todo:
+        path = todo.pop()
+        rel = path.relative_to(pkg).as_posix()
+        keep.add(rel)
+        for name in re.findall(r"^from \.(\w+) import", path.read_text(), re.M):
+            dep = path.parent / f"{name}.py"
+            if dep.is_file() and dep.relative_to(pkg).as_posix() not in keep:
+                todo.append(dep)
+    return keep
+
+
 def run_key(cfg: RunConfig) -> str:
-    blob = json.dumps(cfg.to_dict(), sort_keys=True, default=str) + library_fingerprint()
+    blob = json.dumps(cfg.to_dict(), sort_keys=True, default=str) + library_fingerprint(cfg.method)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -96,11 +126,14 @@ def prepare_data(cfg: RunConfig, progress: bool = True) -> None:
         return
     from ..data.city import DOMAINS, ensure_city
 
-    names = [d for d in cfg.data.sources + cfg.data.targets if d in DOMAINS]
-    if names and is_main():
-        c = cfg.data.city
-        ensure_city(cfg.data.root, domains=names, splits={"train": c["train"], "val": c["val"]},
-                    size=tuple(c["size"]), seed=c["seed"], progress=progress)
+    c = cfg.data.city
+    sources = [d for d in cfg.data.sources if d in DOMAINS]
+    targets = [d for d in cfg.data.targets if d in DOMAINS and d not in sources]
+    if is_main():  # sources need train and val; targets only val (an oracle lists its target as a source)
+        for names, splits in ((sources, {"train": c["train"], "val": c["val"]}), (targets, {"val": c["val"]})):
+            if names:
+                ensure_city(cfg.data.root, domains=names, splits=splits, size=tuple(c["size"]), seed=c["seed"],
+                            progress=progress)
     barrier()
 
 

@@ -134,3 +134,33 @@ def style_scatter(stats: Any, hue: str = "domain", title: str = "image style: ch
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def domains_figure(domains: Sequence[str], indices: Sequence[int] = (0, 1, 2), split: str = "val",
+                   size: tuple[int, int] = (128, 256), with_labels: bool = True) -> Figure:
+    """Paired renders: each column one layout, each row one domain (the same scenes in every style),
+    and a last row with the label maps."""
+    from ..data.city import render
+
+    rows: dict[str, list[np.ndarray]] = {}
+    label_row = []
+    for name in domains:
+        results = [render(name, split, i, size=size) for i in indices]
+        rows[name] = [r.image for r in results]
+        label_row = [colorize(r.label) for r in results]
+    if with_labels:
+        rows["labels (" + domains[-1] + ")"] = label_row
+    present = [c for c in range(NUM_CLASSES) if c != 16]  # the city has no trains
+    return image_grid(rows, col_titles=[f"layout {i}" for i in indices], legend_classes=present if with_labels else None)
+
+
+def knob_sweep_figure(domain: str, knob: str, severities: Sequence[float] = range(6), index: int = 0,
+                      split: str = "val", size: tuple[int, int] = (128, 256)) -> Figure:
+    """One layout of `domain` with `knob` at each severity (one row)."""
+    from ..data.city import KNOBS, sweep
+
+    results = sweep(domain, knob, severities, split=split, index=index, size=size)
+    fig = image_grid({f"{domain}\n{knob}": [r.image for r in results]},
+                     col_titles=[f"severity {s}" for s in severities])
+    fig.suptitle(f"{knob}: {KNOBS[knob].description}", fontsize=9)
+    return fig
