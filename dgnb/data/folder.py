@@ -125,20 +125,22 @@ class SegFolder(Dataset):
         domain_index: int = 0,
         limit: int | None = None,
         require_labels: bool = True,
+        cache: bool = False,
     ) -> None:
         self.root, self.dataset, self.split = Path(root), dataset, split
         self.meta = read_meta(root, dataset)
         self.samples = list_samples(self.root / dataset / split, require_labels)[:limit]
         self.transform = transform
         self.domain_index = domain_index
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = {} if cache else None
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def _read(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decoded (image, label) of sample i, checked; kept in memory when `cache=True` (small datasets)."""
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
         s = self.samples[i]
         image = load_image(s.image)
-        item: dict[str, Any] = {"image": tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())}
+        label = None
         if s.label is not None:
             label = load_label(s.label)
             if label.shape != image.shape[:2]:
@@ -147,6 +149,17 @@ class SegFolder(Dataset):
                     f"is {label.shape[1]}x{label.shape[0]} (WxH). Re-convert this dataset; data_tools resizes "
                     "both together."
                 )
+        if self.cache is not None:
+            self.cache[i] = (image, label)
+        return image, label
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image, label = self._read(i)
+        item: dict[str, Any] = {"image": tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())}
+        if label is not None:
             item["label"] = tv_tensors.Mask(torch.from_numpy(label.astype(np.int64)))
         item["domain"] = self.domain_index
         if self.transform is not None:

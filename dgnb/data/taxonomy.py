@@ -47,7 +47,8 @@ class LabelError(ValueError):
 
 def check_label_values(label: np.ndarray, source: str = "label") -> None:
     """Raise LabelError naming `source` if `label` holds a value outside 0..18 and 255."""
-    values = np.unique(label)
+    counts = np.bincount(np.asarray(label, np.uint8).ravel() if label.dtype == np.uint8 else label.ravel(), minlength=256)
+    values = np.nonzero(counts)[0]
     bad = values[(values >= NUM_CLASSES) & (values != IGNORE_INDEX)]
     if bad.size:
         raise LabelError(

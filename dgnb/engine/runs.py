@@ -137,8 +137,9 @@ def prepare_data(cfg: RunConfig, progress: bool = True) -> None:
     barrier()
 
 
-def domain_set(cfg: RunConfig, name: str, split: str, transform: Any, index: int = 0, limit: int | None = None) -> SegFolder:
-    return SegFolder(cfg.data.root, name, split, transform=transform, domain_index=index, limit=limit)
+def domain_set(cfg: RunConfig, name: str, split: str, transform: Any, index: int = 0, limit: int | None = None,
+               cache: bool = False) -> SegFolder:
+    return SegFolder(cfg.data.root, name, split, transform=transform, domain_index=index, limit=limit, cache=cache)
 
 
 def make_method(cfg: RunConfig, device: torch.device) -> Method:
@@ -196,7 +197,7 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
     method = make_method(cfg, device)
     broadcast_module(method)
     d = cfg.data
-    sources = [domain_set(cfg, n, "train", None, i, d.train_limit) for i, n in enumerate(d.sources)]
+    sources = [domain_set(cfg, n, "train", None, i, d.train_limit, d.cache_images) for i, n in enumerate(d.sources)]
     transform = train_transform(d.crop, d.base_size, d.scale, d.color_jitter)
 
     def make_loader(start: int):

@@ -41,12 +41,12 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in [
            {"brightness": -1.5, "contrast": 2, "hue": -1, "noise": 1, "palette": 1}),
     Domain("near", "a new city in the sources' range of styles: mixed white balance and contrast, its own "
            "palette variation, slight blur", "near",
-           {"cast": 1, "saturation": -0.5, "contrast": 2.5, "hue": 1.5, "texture_scale": 0.75, "palette": 2, "blur": 1.5,
-            "noise": 1.5}),
+           {"cast": 1, "saturation": -0.5, "contrast": 2.5, "hue": 0.75, "texture_scale": 0.5, "palette": 2, "blur": 1,
+            "noise": 1.5}, palette_seed=zlib.crc32(b"near_a")),  # the calibration probe's palette draw (README)
     Domain("far_texture", "unseen materials and hues: new texture families, hues rotated by 50 degrees", "far",
            {"texture": 5, "hue": 3, "palette": 2, "saturation": 1}),
-    Domain("far_fog", "fog: depth-dependent haze (beta = 0.03 / m) in a cool light", "far",
-           {"fog": 3, "cast": -1}),
+    Domain("far_fog", "fog: depth-dependent haze (beta = 0.023 / m) in a cool light", "far",
+           {"fog": 2.5, "cast": -1}),
     Domain("geometric", "source_a's style seen from a high, tilted camera on denser streets (a geometric "
            "control that style methods should not fix)", "geometric",
            {**_SOURCE_STYLE, "camera_height": 4, "pitch": 3, "density": 2}, palette_seed=zlib.crc32(b"source_a")),
