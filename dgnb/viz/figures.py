@@ -64,8 +64,9 @@ def image_grid(rows: Mapping[str, Sequence[np.ndarray]], col_titles: Sequence[st
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if legend_classes is not None:
-        fig.subplots_adjust(bottom=0.12)
+        fig.subplots_adjust(bottom=min(0.12, 0.75 / fig.get_figheight()))
         class_legend(fig, legend_classes)
+    plt.close(fig)  # displayed once, as the returned value (not also by the inline backend)
     return fig
 
 
@@ -82,6 +83,7 @@ def per_class_heatmap(per_class: Mapping[str, Mapping[str, float]], title: str =
     ax.tick_params(axis="x", labelrotation=60, labelsize=8)
     ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
+    plt.close(fig)  # displayed once, as the returned value (not also by the inline backend)
     return fig
 
 
@@ -101,6 +103,7 @@ def domain_bars(results: Mapping[str, Mapping[str, float]], roles: Mapping[str, 
     for container in ax.containers:
         ax.bar_label(container, fmt="%.0f", fontsize=7)
     fig.tight_layout()
+    plt.close(fig)  # displayed once, as the returned value (not also by the inline backend)
     return fig
 
 
@@ -117,6 +120,7 @@ def curve(x: Sequence[float], ys: Mapping[str, Sequence[float]], xlabel: str, yl
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    plt.close(fig)  # displayed once, as the returned value (not also by the inline backend)
     return fig
 
 
@@ -133,6 +137,7 @@ def style_scatter(stats: Any, hue: str = "domain", title: str = "image style: ch
     axes[0].legend(fontsize=7, markerscale=0.8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    plt.close(fig)  # displayed once, as the returned value (not also by the inline backend)
     return fig
 
 
@@ -143,13 +148,13 @@ def domains_figure(domains: Sequence[str], indices: Sequence[int] = (0, 1, 2), s
     from ..data.city import render
 
     rows: dict[str, list[np.ndarray]] = {}
-    label_row = []
+    label_row: list[np.ndarray] = []
     for name in domains:
         results = [render(name, split, i, size=size) for i in indices]
         rows[name] = [r.image for r in results]
-        label_row = [colorize(r.label) for r in results]
-    if with_labels:
-        rows["labels (" + domains[-1] + ")"] = label_row
+        label_row = label_row or [colorize(r.label) for r in results]
+    if with_labels:  # the first domain's label maps: shared by every domain with the same geometry
+        rows[f"labels\n(as {domains[0]})"] = label_row
     present = [c for c in range(NUM_CLASSES) if c != 16]  # the city has no trains
     return image_grid(rows, col_titles=[f"layout {i}" for i in indices], legend_classes=present if with_labels else None)
 
@@ -162,5 +167,7 @@ def knob_sweep_figure(domain: str, knob: str, severities: Sequence[float] = rang
     results = sweep(domain, knob, severities, split=split, index=index, size=size)
     fig = image_grid({f"{domain}\n{knob}": [r.image for r in results]},
                      col_titles=[f"severity {s}" for s in severities])
-    fig.suptitle(f"{knob}: {KNOBS[knob].description}", fontsize=9)
+    fig.suptitle(f"{knob}: {KNOBS[knob].description}", fontsize=9, y=0.99)
+    fig.subplots_adjust(top=0.78)
+    plt.close(fig)  # displayed once, as the returned value (not also by the inline backend)
     return fig
