@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=[128, 256])
     a = p.parse_args()
     from dgnb.data.city import DOMAINS, ensure_city, render
+    from dgnb.engine.bench import machine_info
     from dgnb.io import atomic_write_json
 
     size = tuple(a.size)
@@ -38,7 +38,7 @@ def main() -> None:
         t = time.perf_counter()
         ensure_city(tmp, ["source_a"], {"train": a.n}, size=size, progress=False, workers=workers)
         end_to_end = a.n / (time.perf_counter() - t)
-    out = {"size": list(size), "cores": workers, "cpu": platform.processor() or platform.machine(),
+    out = {"size": list(size), "cores": workers, "machine": machine_info(),
            "render_one_process_img_per_s": per_domain,
            "generate_to_disk_img_per_s": round(end_to_end, 1), "images_written": a.n}
     RESULTS.mkdir(exist_ok=True)

@@ -1,15 +1,20 @@
 """Training and inference cost of each method relative to ERM, measured in one process on identical batches.
 
-For every method: parameters (total, and at inference), seconds per training iteration, seconds per
+For every method: parameters (all trainable tensors and buffers the method keeps), seconds per training iteration, seconds per
 inference batch, and their ratios to ERM. Methods are timed in interleaved rounds so that drifting
 machine load hits all of them alike. Writes benchmarks/results/methods_speed.json.
 
-Usage: python benchmarks/bench_methods.py [--methods erm,mldg,pinthemem] [--preset quick] [--device auto]
+A method may carry hyperparameters: `pinthemem:first_order=False` times the paper's second-order
+meta-gradient.
+
+Usage: python benchmarks/bench_methods.py [--methods erm mldg pinthemem pinthemem:first_order=False]
+                                          [--preset quick] [--device auto]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import statistics
 import time
 from pathlib import Path
@@ -24,23 +29,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """'pinthemem:first_order=False,use_coh=True' -> ('pinthemem', {'hparams.first_order': False, ...})."""
+    method, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"bad method spec {spec!r}: write METHOD:HPARAM=VALUE[,HPARAM=VALUE]")
+        overrides[f"hparams.{key}"] = ast.literal_eval(value)
+    return method, overrides
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="erm,mldg,pinthemem")
+    p.add_argument("--methods", nargs="+", default=["erm", "mldg", "pinthemem", "pinthemem:first_order=False"],
+                   help="method specs; the first is the reference the ratios are taken to")
     p.add_argument("--preset", default="quick")
     p.add_argument("--device", default="auto")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=4, help="training steps (and inference batches) per round")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--steps", type=int, default=5, help="training steps (and inference batches) per round")
     p.add_argument("--out", default=str(RESULTS / "methods_speed.json"))
     a = p.parse_args()
     from dgnb.config import preset
+    from dgnb.engine.bench import machine_info
     from dgnb.engine.runs import make_method
     from dgnb.engine.train import resolve_device
     from dgnb.io import atomic_write_json
 
     device = resolve_device(a.device)
-    names = a.methods.split(",")
-    cfgs = {m: preset(a.preset, m, 0, **{"train.device": str(device)}) for m in names}
+    names = a.methods
+    cfgs = {}
+    for spec in names:
+        method, hp = parse_spec(spec)
+        cfgs[spec] = preset(a.preset, method, 0, **{"train.device": str(device)}, **hp)
     methods = {m: make_method(c, device) for m, c in cfgs.items()}
     d = cfgs[names[0]].data
     n = d.batch_per_domain * len(d.sources)
@@ -71,8 +93,8 @@ def main() -> None:
                 meth.predict(eval_images)
             _sync(device)
             infer_t[m].append((time.perf_counter() - t) / a.steps)
-    base_train, base_infer = statistics.median(train_t["erm"]), statistics.median(infer_t["erm"])
-    base_params = sum(q.numel() for q in methods["erm"].model.parameters())
+    base_train, base_infer = statistics.median(train_t[names[0]]), statistics.median(infer_t[names[0]])
+    base_params = sum(q.numel() for q in methods[names[0]].model.parameters())
     rows = {}
     for m in names:
         params = sum(q.numel() for q in methods[m].parameters())
@@ -80,10 +102,10 @@ def main() -> None:
         rows[m] = {"parameters": params, "parameters_vs_erm": round(params / base_params, 4),
                    "train_s_per_iter": round(tr, 4), "train_vs_erm": round(tr / base_train, 3),
                    "infer_s_per_batch8": round(inf, 4), "infer_vs_erm": round(inf / base_infer, 3)}
-    out = {"preset": a.preset, "device": str(device), "threads": torch.get_num_threads(),
+    out = {"preset": a.preset, "device": str(device), "machine": machine_info(), "threads": torch.get_num_threads(),
            "batch": n, "crop": list(d.crop), "eval_size": list(d.base_size), "methods": rows}
     atomic_write_json(a.out, out)
-    print(f"| method | params | vs ERM | train s/iter | vs ERM | inference s/8 images | vs ERM |  ({device})")
+    print(f"| method | params | vs ref | train s/iter | vs ref | inference s/8 images | vs ref |  ({device})")
     print("|---|---|---|---|---|---|---|")
     for m, r in rows.items():
         print(f"| {m} | {r['parameters']:,} | {r['parameters_vs_erm']:.3f} | {r['train_s_per_iter']:.3f} | "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +30,24 @@ def domain_roles(cfg: RunConfig) -> dict[str, dict[str, str]]:
             desc = meta.get("description", meta.get("name", name))
         out[name] = {"role": "source" if name in cfg.data.sources else role, "description": desc}
     return out
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, torch version and GPU of the machine running the bench (timings depend on it,
+    and CPU results differ in the last bits between CPU models, which moves mIoU by seed-noise amounts)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": gpu}
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -62,7 +82,7 @@ def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overri
     for cfg in configs:
         run = train(cfg, force=force, progress=progress)
         runs.append({**run.metrics, "run_dir": str(run.dir)})
-    result = {"preset": preset_name, "domains": domains, "runs": runs, "table": markdown_table(runs, domains)}
+    result = {"preset": preset_name, "machine": machine_info(), "domains": domains, "runs": runs, "table": markdown_table(runs, domains)}
     if out is not None:
         atomic_write_json(out, result)
     return result
