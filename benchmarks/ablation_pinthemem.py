@@ -37,30 +37,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from dgnb.engine.bench import PINTHEMEM_ABLATIONS as VARIANTS
+from dgnb.engine.bench import ablation_config as config
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = "full (first order)"
-
-# variant: (paper row, method, hyperparameters); the notebook's ablation cell uses the same names.
-VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    FULL: ("Tab. 5-7: ours", "pinthemem", {}),
-    "w/o L_coh": ("Tab. 5", "pinthemem", {"use_coh": False}),
-    "w/o L_div": ("Tab. 5", "pinthemem", {"use_div": False}),
-    "re-write: E and U trained": ("Tab. 6", "pinthemem", {"memory_update": "train_both"}),
-    "re-write: E and U frozen": ("Tab. 6", "pinthemem", {"memory_update": "freeze_both"}),
-    "no re-write": ("Tab. 6", "pinthemem", {"memory_update": "none"}),
-    "aggregated + memory": ("Tab. 7: Agg., memory", "pinthemem", {"episodic": False}),
-    "episodic + memory, no meta step": ("Tab. 7: Episodic, memory", "pinthemem", {"meta": False}),
-    "second order (paper)": ("Tab. 7: Episodic, memory, M.L.", "pinthemem", {"first_order": False}),
-    "ERM": ("Tab. 7: Agg.", "erm", {}),
-    "MLDG": ("Tab. 7: Episodic, M.L.", "mldg", {}),
-}
-
-
-def config(preset_name: str, variant: str, seed: int):
-    from dgnb.config import preset
-
-    _, method, hparams = VARIANTS[variant]
-    return preset(preset_name, method, seed, **{f"hparams.{k}": v for k, v in hparams.items()})
 
 
 def _train(job: tuple[str, str, int, int, bool, bool]) -> dict[str, Any]:

@@ -48,7 +48,8 @@ def main() -> None:
     p.add_argument("--preset", default="quick")
     p.add_argument("--device", default="auto")
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--steps", type=int, default=5, help="training steps (and inference batches) per round")
+    p.add_argument("--steps", type=int, default=5, help="training steps per round")
+    p.add_argument("--infer-batches", type=int, default=20, help="inference batches (of 8 images) per round")
     p.add_argument("--out", default=str(RESULTS / "methods_speed.json"))
     a = p.parse_args()
     from dgnb.config import preset
@@ -89,10 +90,11 @@ def main() -> None:
             train_t[m].append((time.perf_counter() - t) / a.steps)
             meth.eval()
             t = time.perf_counter()
-            for _ in range(a.steps):
-                meth.predict(eval_images)
+            with torch.no_grad():
+                for _ in range(a.infer_batches):
+                    meth.predict(eval_images)
             _sync(device)
-            infer_t[m].append((time.perf_counter() - t) / a.steps)
+            infer_t[m].append((time.perf_counter() - t) / a.infer_batches)
     base_train, base_infer = statistics.median(train_t[names[0]]), statistics.median(infer_t[names[0]])
     base_params = sum(q.numel() for q in methods[names[0]].model.parameters())
     rows = {}

@@ -53,6 +53,7 @@ from dgnb.data.folder import SegFolder
 from dgnb.data.taxonomy import CLASS_ID, CLASSES
 from dgnb.engine.runs import make_method, prepare_data, train
 from dgnb.engine.train import resolve_device
+from dgnb.viz import per_class_heatmap, slot_similarity_figure, step_table_figure
 
 cfg = preset(PRESET, "pinthemem", SEED)
 prepare_data(cfg)
@@ -118,24 +119,8 @@ print({d: tuple(images[d].shape) for d in names})
 fresh = make_method(cfg, device).eval()  # untrained, same initial weights as the Pin the Memory run
 fresh.initialize_memory([{"image": images[d], "label": labels[d]} for d in cfg.data.sources])
 present = [c for c in range(len(CLASSES)) if c != CLASS_ID["train"]]  # the city has no trains
-
-
-def slot_similarity(memories: dict[str, torch.Tensor]):
-    """Cosine similarity <M[n], M[n']> between the slots of the city's classes, one panel per memory."""
-    fig, axes = plt.subplots(1, len(memories), figsize=(5.2 * len(memories), 4.6), squeeze=False)
-    ticks = [CLASSES[c] for c in present]
-    for ax, (title, m) in zip(axes[0], memories.items()):
-        m = m.detach().float().cpu()[present]
-        im = ax.imshow((m @ m.T).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(ticks)), ticks, fontsize=7)
-        ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.025, label="cosine similarity")
-    return fig
-
-
 print("memory M:", tuple(fresh.memory.shape), "(slots x channels), row norms", fresh.memory.norm(dim=1)[:3].tolist())
-slot_similarity({"initial memory (class means of an untrained encoder's F)": fresh.memory})
+slot_similarity_figure({"initial memory (class means of an untrained encoder's F)": fresh.memory}, present)
 
 # %% [markdown]
 # Almost everything is red: F comes out of a ReLU, so all features point into the same orthant and
@@ -250,8 +235,6 @@ print(f"L_div: classification {cls:.3f} (an untrained G: log 19 = {math.log(19):
 # The diagram shows, for each step, what each parameter group does.
 
 # %%
-from matplotlib.patches import Patch, Rectangle
-
 KINDS = {"grad": ("#b8e186", "receives gradient"),
          "copy": ("#92c5de", r"$\theta' = \theta - \alpha\nabla$ (functional copy)"),
          "step": ("#4dac26", "updated by the optimizer"), "frozen": ("#d9d9d9", "used, frozen (no gradient)"),
@@ -275,28 +258,8 @@ STEPS = [
 ]
 
 
-def episode_diagram():
-    fig, ax = plt.subplots(figsize=(11, 0.6 * len(STEPS) + 1.6))
-    for r, (step, cells) in enumerate(STEPS):
-        yr = len(STEPS) - 1 - r
-        ax.text(-0.08, yr + 0.5, step, ha="right", va="center", fontsize=9)
-        for c, (kind, text) in enumerate(cells):
-            ax.add_patch(Rectangle((c, yr), 1, 1, facecolor=KINDS[kind][0], edgecolor="white", lw=2))
-            ax.text(c + 0.5, yr + 0.5, text, ha="center", va="center", fontsize=8)
-    for c, group in enumerate(GROUPS):
-        ax.text(c + 0.5, len(STEPS) + 0.1, group.replace(" (", "\n("), ha="center", va="bottom", fontsize=9,
-                weight="bold")
-    ax.set_xlim(-1.9, len(GROUPS))
-    ax.set_ylim(0, len(STEPS) + 0.9)
-    ax.axis("off")
-    ax.legend(handles=[Patch(facecolor=v[0], edgecolor="grey", label=v[1]) for v in KINDS.values()],
-              loc="upper center", bbox_to_anchor=(0.6, 0.02), ncol=4, fontsize=8, frameon=False)
-    ax.set_title("One Pin the Memory iteration (Alg. 1): what each step does to each parameter group", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-episode_diagram()
+step_table_figure(STEPS, [g.replace(" (", "\n(") for g in GROUPS], KINDS,
+                  "One Pin the Memory iteration (Alg. 1): what each step does to each parameter group")
 
 # %% [markdown]
 # ### First order (official code) or second order (paper)?
@@ -375,21 +338,11 @@ domain_bars(per_domain, roles, title=f"mIoU per domain ({PRESET} preset, seed {S
 # that of ERM (green: the memory helps).
 
 # %%
-import seaborn as sns
-
 targets = cfg.data.targets
 pc = {label: runs[label].metrics["per_class_iou"] for label in ("ERM", "Pin the Memory")}
-cls_names = [c for c in CLASSES if any(c in pc["ERM"][t] for t in targets)]
-delta = pd.DataFrame({t: {c: pc["Pin the Memory"][t].get(c, np.nan) - pc["ERM"][t].get(c, np.nan) for c in cls_names}
-                      for t in targets}).T
-fig, ax = plt.subplots(figsize=(0.55 * len(cls_names) + 2, 0.45 * len(targets) + 1.6))
-sns.heatmap(delta, ax=ax, annot=True, fmt=".0f", cmap="RdYlGn", center=0, vmin=-20, vmax=20, cbar=False,
-            annot_kws={"fontsize": 7})
-ax.set_title("IoU(Pin the Memory) − IoU(ERM), per target and class (points)", fontsize=10)
-ax.tick_params(axis="x", labelrotation=60, labelsize=8)
-ax.tick_params(axis="y", labelrotation=0, labelsize=8)
-fig.tight_layout()
-fig
+delta = {t: {c: pc["Pin the Memory"][t][c] - pc["ERM"][t][c] for c in pc["ERM"][t] if c in pc["Pin the Memory"][t]}
+         for t in targets}
+per_class_heatmap(delta, "IoU(Pin the Memory) − IoU(ERM), per target and class (points)", difference=True)
 
 # %% [markdown]
 # ## 8. What the memory learned
@@ -400,7 +353,7 @@ fig
 # %%
 erm = runs["ERM"].load_method()
 pm = runs["Pin the Memory"].load_method()
-slot_similarity({"initial memory": fresh.memory, "trained memory": pm.memory})
+slot_similarity_figure({"initial memory": fresh.memory, "trained memory": pm.memory}, present)
 
 # %% [markdown]
 # ## 9. Features in 2-D: t-SNE by class and by domain (Fig. 5)
@@ -505,28 +458,40 @@ memory_explorer(pm, images, labels)
 # (about six minutes on 2 CPU cores); they are cached, so later runs are instant.
 
 # %%
-ABLATIONS = {  # variant: (paper row, method, hyperparameters)
-    "full (first order)": ("Tab. 5-7: ours", "pinthemem", {}),
-    "w/o L_coh": ("Tab. 5", "pinthemem", {"use_coh": False}),
-    "w/o L_div": ("Tab. 5", "pinthemem", {"use_div": False}),
-    "re-write: E and U trained": ("Tab. 6", "pinthemem", {"memory_update": "train_both"}),
-    "re-write: E and U frozen": ("Tab. 6", "pinthemem", {"memory_update": "freeze_both"}),
-    "no re-write": ("Tab. 6", "pinthemem", {"memory_update": "none"}),
-    "aggregated + memory": ("Tab. 7: Agg., memory", "pinthemem", {"episodic": False}),
-    "episodic + memory, no meta step": ("Tab. 7: Episodic, memory", "pinthemem", {"meta": False}),
-    "ERM": ("Tab. 7: Agg.", "erm", {}),
-    "MLDG": ("Tab. 7: Episodic, M.L.", "mldg", {}),
-}
+from dgnb.engine.bench import PINTHEMEM_ABLATIONS, ablation_config
+
+print("\n".join(f"{v:32s} {row:32s} {method:10s} {hp}" for v, (row, method, hp) in PINTHEMEM_ABLATIONS.items()))
 short = {} if PRESET == "smoke" else {"train.iterations": ITERS_ABLATION, "data.eval_limit": 50}
+SHORT_VARIANTS = [v for v in PINTHEMEM_ABLATIONS if v != "second order (paper)"]  # 2nd order: ~2x slower
 rows = []
-for variant, (paper_row, method, hp) in ABLATIONS.items():
-    m = train(preset(PRESET, method, SEED, **short, **{f"hparams.{k}": v for k, v in hp.items()})).metrics
+for variant in SHORT_VARIANTS:
+    paper_row = PINTHEMEM_ABLATIONS[variant][0]
+    m = train(ablation_config(PRESET, variant, SEED, **short)).metrics
     rows.append({"variant": variant, "paper": paper_row, "source val": m["source_val_miou"], **m["target_miou"],
                  "mean target": m["mean_target_miou"]})
 ablation = pd.DataFrame(rows).set_index("variant")
 ablation["Δ mean target vs full"] = ablation["mean target"] - ablation.loc["full (first order)", "mean target"]
 print(f"{cfg.train.iterations if PRESET == 'smoke' else ITERS_ABLATION} iterations per row, seed {SEED}")
 ablation.round(1)
+
+# %% [markdown]
+# The same variants trained at full length (the quick preset's 1,200 iterations) by
+# `benchmarks/ablation_pinthemem.py`, read from the results the repository ships (mean ± std over the
+# seeds listed; machine and date in the JSON). Compare the size of each Δ with the seed spread of the
+# full method before reading anything into it.
+
+# %%
+from pathlib import Path
+
+from IPython.display import Markdown, display
+
+import dgnb
+
+full_table = Path(dgnb.__file__).parents[1] / "benchmarks" / "results" / "ablation_pinthemem.md"
+if full_table.is_file():
+    display(Markdown(full_table.read_text()))
+else:
+    print(f"{full_table} is missing: run `python benchmarks/ablation_pinthemem.py` from the repository root")
 
 # %% [markdown]
 # ## 13. What the memory costs at inference (Table 8)

@@ -301,3 +301,32 @@ def test_memory_figures_and_explorer():
     widget = memory_explorer(m, {"a": batch["image"]}, {"a": batch["label"]})
     assert len(widget.children) == 2
     plt.close("all")
+
+
+def test_slot_similarity_and_step_table_figures():
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from dgnb.engine.bench import PINTHEMEM_ABLATIONS, ablation_config
+    from dgnb.viz import per_class_heatmap, slot_similarity_figure, step_table_figure
+
+    memory = torch.eye(19)[:, :8].clone()
+    memory[:8] += 0.1
+    fig = slot_similarity_figure({"a": memory, "b": torch.eye(19)}, classes=[0, 1, 2])
+    sims = fig.axes[1].images[0].get_array()
+    assert isinstance(fig, Figure) and sims.shape == (3, 3) and float(abs(sims - torch.eye(3).numpy()).max()) == 0
+    assert not plt.fignum_exists(fig.number)  # closed: a notebook shows it once, as the returned value
+    kinds = {"g": ("green", "gradient"), "": ("white", "unused")}
+    fig = step_table_figure([("step 1", [("g", "x"), ("", "")]), ("step 2", [("", ""), ("g", "y")])],
+                            ["A", "B"], kinds, "episode")
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert {"step 1", "step 2", "A", "B", "x", "y"} <= texts and len(fig.axes[0].patches) == 4
+    fig = per_class_heatmap({"near": {"road": -5.0, "car": 12.0}}, difference=True)
+    assert fig.axes[0].collections[0].norm.vmin == -20 and fig.axes[0].collections[0].norm.vmax == 20
+    # every ablation variant builds: a registered method with hyperparameters it knows
+    from dgnb.engine.runs import make_method
+
+    for variant, (_, method, hparams) in PINTHEMEM_ABLATIONS.items():
+        built = make_method(ablation_config("smoke", variant, 0), torch.device("cpu"))
+        assert all(getattr(built.hp, k) == v for k, v in hparams.items()), variant
+    plt.close("all")

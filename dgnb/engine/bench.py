@@ -14,6 +14,29 @@ from ..io import atomic_write_json
 from .runs import prepare_data, train
 
 
+# Pin the Memory ablations (Kim et al., CVPR 2022, Tables 5-7): variant -> (paper row, method, hyperparameters).
+# Used by notebook 03 (short budget) and benchmarks/ablation_pinthemem.py (full length, several seeds).
+PINTHEMEM_ABLATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "full (first order)": ("Tab. 5-7: ours", "pinthemem", {}),
+    "w/o L_coh": ("Tab. 5", "pinthemem", {"use_coh": False}),
+    "w/o L_div": ("Tab. 5", "pinthemem", {"use_div": False}),
+    "re-write: E and U trained": ("Tab. 6", "pinthemem", {"memory_update": "train_both"}),
+    "re-write: E and U frozen": ("Tab. 6", "pinthemem", {"memory_update": "freeze_both"}),
+    "no re-write": ("Tab. 6", "pinthemem", {"memory_update": "none"}),
+    "aggregated + memory": ("Tab. 7: Agg., memory", "pinthemem", {"episodic": False}),
+    "episodic + memory, no meta step": ("Tab. 7: Episodic, memory", "pinthemem", {"meta": False}),
+    "second order (paper)": ("Tab. 7: Episodic, memory, M.L.", "pinthemem", {"first_order": False}),
+    "ERM": ("Tab. 7: Agg.", "erm", {}),
+    "MLDG": ("Tab. 7: Episodic, M.L.", "mldg", {}),
+}
+
+
+def ablation_config(preset_name: str, variant: str, seed: int, **overrides: Any) -> RunConfig:
+    """The run configuration of one `PINTHEMEM_ABLATIONS` variant (plus any config overrides)."""
+    _, method, hparams = PINTHEMEM_ABLATIONS[variant]
+    return preset(preset_name, method, seed, **overrides, **{f"hparams.{k}": v for k, v in hparams.items()})
+
+
 def domain_roles(cfg: RunConfig) -> dict[str, dict[str, str]]:
     """name -> {role, description}: from the city presets, else from each dataset's meta.json."""
     out = {}

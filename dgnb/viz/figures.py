@@ -70,18 +70,23 @@ def image_grid(rows: Mapping[str, Sequence[np.ndarray]], col_titles: Sequence[st
     return fig
 
 
-def per_class_heatmap(per_class: Mapping[str, Mapping[str, float]], title: str = "per-class IoU (%)") -> Figure:
-    """Domains x classes heat-map of IoU; a blank cell is a class absent from that domain."""
+def per_class_heatmap(per_class: Mapping[str, Mapping[str, float]], title: str = "per-class IoU (%)",
+                      difference: bool = False) -> Figure:
+    """Domains x classes heat-map of IoU; a blank cell is a class absent from that domain.
+
+    `difference=True` reads the values as IoU differences in points (method A − method B): the
+    colour scale is centred on 0 and spans ±20 (green: A better)."""
     import seaborn as sns
 
     classes = [c for c in CLASSES if any(c in v for v in per_class.values())]
     data = np.array([[per_class[d].get(c, np.nan) for c in classes] for d in per_class])
     fig, ax = plt.subplots(figsize=(0.55 * len(classes) + 2, 0.45 * len(per_class) + 1.6))
-    sns.heatmap(data, ax=ax, annot=True, fmt=".0f", cmap="RdYlGn", vmin=0, vmax=100, cbar=False,
-                xticklabels=classes, yticklabels=list(per_class), annot_kws={"fontsize": 7})
+    scale = {"center": 0, "vmin": -20, "vmax": 20} if difference else {"vmin": 0, "vmax": 100}
+    sns.heatmap(data, ax=ax, annot=True, fmt=".0f", cmap="RdYlGn", cbar=False, xticklabels=classes,
+                yticklabels=list(per_class), annot_kws={"fontsize": 7}, **scale)
     ax.set_title(title)
     ax.tick_params(axis="x", labelrotation=60, labelsize=8)
-    ax.tick_params(axis="y", labelsize=8)
+    ax.tick_params(axis="y", labelrotation=0, labelsize=8)
     fig.tight_layout()
     plt.close(fig)  # displayed once, as the returned value (not also by the inline backend)
     return fig

@@ -158,3 +158,52 @@ def memory_activation_figure(image: torch.Tensor | np.ndarray, weights: torch.Te
     fig.colorbar(sm, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="relative read weight")
     plt.close(fig)  # displayed once, as the returned value (not also by the inline backend)
     return fig
+
+
+def slot_similarity_figure(memories: Mapping[str, torch.Tensor], classes: Sequence[int] | None = None) -> Figure:
+    """Cosine similarity <M[n], M[n']> between memory slots (rows are unit-norm), one panel per memory.
+
+    `classes`: the slots to show (default: all), e.g. the classes present in the data."""
+    classes = list(range(NUM_CLASSES)) if classes is None else list(classes)
+    fig, axes = plt.subplots(1, len(memories), figsize=(5.2 * len(memories), 4.6), squeeze=False)
+    ticks = [CLASSES[c] for c in classes]
+    for ax, (title, m) in zip(axes[0], memories.items()):
+        m = F.normalize(m.detach().float().cpu()[classes], dim=1)
+        im = ax.imshow((m @ m.T).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(ticks)), ticks, fontsize=7)
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.025, label="cosine similarity")
+    plt.close(fig)
+    return fig
+
+
+StepRow = tuple[str, Sequence[tuple[str, str]]]
+
+
+def step_table_figure(steps: Sequence[StepRow], groups: Sequence[str], kinds: Mapping[str, tuple[str, str]],
+                      title: str) -> Figure:
+    """A steps x parameter-groups table of coloured cells: which step touches which parameters, and how.
+
+    steps: [(step label, [(kind, cell text) per group])]; kinds: kind -> (colour, legend label).
+    Used for the meta-learning episode of Pin the Memory (Alg. 1) in notebook 03."""
+    from matplotlib.patches import Patch, Rectangle
+
+    fig, ax = plt.subplots(figsize=(11, 0.6 * len(steps) + 1.9))
+    for r, (step, cells) in enumerate(steps):
+        y = len(steps) - 1 - r
+        ax.text(-0.08, y + 0.5, step, ha="right", va="center", fontsize=9)
+        for c, (kind, text) in enumerate(cells):
+            ax.add_patch(Rectangle((c, y), 1, 1, facecolor=kinds[kind][0], edgecolor="white", lw=2))
+            ax.text(c + 0.5, y + 0.5, text, ha="center", va="center", fontsize=8)
+    for c, group in enumerate(groups):
+        ax.text(c + 0.5, len(steps) + 0.1, group, ha="center", va="bottom", fontsize=9, weight="bold")
+    ax.set_xlim(-1.9, len(groups))
+    ax.set_ylim(0, len(steps) + 0.9)
+    ax.axis("off")
+    ax.legend(handles=[Patch(facecolor=colour, edgecolor="grey", label=label) for colour, label in kinds.values()],
+              loc="upper center", bbox_to_anchor=(0.6, -0.01), ncol=4, fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
