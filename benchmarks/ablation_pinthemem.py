@@ -32,13 +32,13 @@ import argparse
 import multiprocessing as mp
 import os
 import statistics
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from dgnb.engine.bench import PINTHEMEM_ABLATIONS as VARIANTS
 from dgnb.engine.bench import ablation_config as config
+from dgnb.engine.bench import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = "full (first order)"
@@ -51,9 +51,8 @@ def _train(job: tuple[str, str, int, int, bool, bool]) -> dict[str, Any]:
     torch.set_num_threads(threads)
     from dgnb.engine.runs import train
 
-    t = time.time()
     run = train(config(preset_name, variant, seed), force=force, progress=progress)
-    return {**run.metrics, "variant": variant, "run_dir": str(run.dir), "wall_seconds": round(time.time() - t, 1)}
+    return {**run.metrics, "variant": variant, "run_dir": str(run.dir)}
 
 
 def _fmt(values: list[float]) -> str:
@@ -113,7 +112,7 @@ def main() -> None:
     table = markdown(a.preset, a.seeds, cfg.train.iterations, domains, runs)
     out = Path(a.out)
     atomic_write_json(out, {
-        "preset": a.preset, "seeds": a.seeds, "iterations": cfg.train.iterations, "domains": domains,
+        "preset": a.preset, "machine": machine_info(), "seeds": a.seeds, "iterations": cfg.train.iterations, "domains": domains,
         "variants": {v: {"paper_row": VARIANTS[v][0], "method": VARIANTS[v][1], "hparams": VARIANTS[v][2]}
                      for v in a.variants},
         "runs": runs, "table": table,

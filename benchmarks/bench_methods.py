@@ -1,8 +1,8 @@
 """Training and inference cost of each method relative to ERM, measured in one process on identical batches.
 
-For every method: parameters (all trainable tensors and buffers the method keeps), seconds per training iteration, seconds per
-inference batch, and their ratios to ERM. Methods are timed in interleaved rounds so that drifting
-machine load hits all of them alike. Writes benchmarks/results/methods_speed.json.
+For every method: parameters (all trainable tensors and buffers the method keeps), seconds per
+training iteration, seconds per inference batch, and their ratios to ERM. Methods are timed in
+interleaved rounds so that drifting machine load hits all of them alike. Writes benchmarks/results/methods_speed.json.
 
 A method may carry hyperparameters: `pinthemem:first_order=False` times the paper's second-order
 meta-gradient.
@@ -14,12 +14,13 @@ Usage: python benchmarks/bench_methods.py [--methods erm mldg pinthemem pintheme
 from __future__ import annotations
 
 import argparse
-import ast
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from dgnb.cli import parse_value
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -30,14 +31,15 @@ def _sync(device: torch.device) -> None:
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
-    """'pinthemem:first_order=False,use_coh=True' -> ('pinthemem', {'hparams.first_order': False, ...})."""
+    """'pinthemem:first_order=False,use_coh=true' -> ('pinthemem', {'hparams.first_order': False, ...});
+    values are read as `dgnb train --set` reads them (`dgnb.cli.parse_value`)."""
     method, _, rest = spec.partition(":")
     overrides = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"bad method spec {spec!r}: write METHOD:HPARAM=VALUE[,HPARAM=VALUE]")
-        overrides[f"hparams.{key}"] = ast.literal_eval(value)
+        overrides[f"hparams.{key}"] = parse_value(value)
     return method, overrides
 
 

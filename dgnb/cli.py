@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, preset
+
+
+def parse_value(text: str) -> Any:
+    """A KEY=VALUE value: JSON (`true`, `0.2`, `[64, 64]`), else a Python literal (`False`, `(64, 64)`),
+    else the text itself (`cuda`, `freeze_both`)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -29,10 +43,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if "=" not in item:
             raise SystemExit(f"--set expects KEY=VALUE (e.g. train.iterations=100 or hparams.aux_weight=0.2), got '{item}'")
         key, value = item.split("=", 1)
-        try:
-            o[key] = json.loads(value)
-        except json.JSONDecodeError:
-            o[key] = value
+        o[key] = parse_value(value)
     return o
 
 

@@ -239,8 +239,8 @@ KINDS = {"grad": ("#b8e186", "receives gradient"),
          "copy": ("#92c5de", r"$\theta' = \theta - \alpha\nabla$ (functional copy)"),
          "step": ("#4dac26", "updated by the optimizer"), "frozen": ("#d9d9d9", "used, frozen (no gradient)"),
          "read": ("#fee08b", "memory read"), "write": ("#fdae61", "memory written"), "": ("white", "not used")}
-GROUPS = [r"encoder $\theta_E$", r"update net U ($\theta_U$)", "memory M", "fusion + decoder\n" + r"$\theta_D$",
-          r"memory classifier G ($\theta_G$)"]
+GROUPS = [r"encoder $\theta_E$", "update net U\n" + r"($\theta_U$)", "memory M", "fusion + decoder\n" + r"$\theta_D$",
+          "memory classifier G\n" + r"($\theta_G$)"]
 STEPS = [
     ("1 meta-train on $X_{tr}$ (Eq. 8)", [("grad", r"$L_{read} + L_{update}$"), ("grad", "$L_{update}$"),
                                           ("write", "read $M_0$\nwrite $\\tilde M$"), ("grad", "$L_{read}$"),
@@ -258,7 +258,7 @@ STEPS = [
 ]
 
 
-step_table_figure(STEPS, [g.replace(" (", "\n(") for g in GROUPS], KINDS,
+step_table_figure(STEPS, GROUPS, KINDS,
                   "One Pin the Memory iteration (Alg. 1): what each step does to each parameter group")
 
 # %% [markdown]
@@ -452,8 +452,8 @@ memory_explorer(pm, images, labels)
 #
 # **Read this table as an indication only.** To fit in minutes on 2 CPU cores every row is a short,
 # single-seed run of `ITERS_ABLATION` iterations evaluated on 50 images per domain (the main runs
-# above have the preset's full length), so differences of a point or two are within seed noise. `benchmarks/ablation_pinthemem.py`
-# trains the full-length quick runs of every variant over several seeds and writes the full table to
+# above have the preset's full length), so differences of a point or two are within seed noise.
+# `benchmarks/ablation_pinthemem.py` trains the full-length quick runs of every variant over several seeds and writes the full table to
 # `benchmarks/results/ablation_pinthemem.md`. The first run of this cell trains ten short runs
 # (about six minutes on 2 CPU cores); they are cached, so later runs are instant.
 
@@ -477,7 +477,7 @@ ablation.round(1)
 # %% [markdown]
 # The same variants trained at full length (the quick preset's 1,200 iterations) by
 # `benchmarks/ablation_pinthemem.py`, read from the results the repository ships (mean ± std over the
-# seeds listed; machine and date in the JSON). Compare the size of each Δ with the seed spread of the
+# seeds listed; the machine that ran them is in `ablation_pinthemem.json`). Compare the size of each Δ with the seed spread of the
 # full method before reading anything into it.
 
 # %%

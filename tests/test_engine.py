@@ -150,3 +150,13 @@ dist.destroy_process_group()
         assert info["world"] == 2 and info["same"], info
     metrics = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
     assert metrics["world_size"] == 2 and metrics["iterations"] == 6
+
+
+def test_set_values_parse_as_json_or_python_literals():
+    """`--set hparams.first_order=False` must give the bool False, never the (truthy) string 'False'."""
+    from dgnb.cli import parse_value
+
+    assert parse_value("False") is False and parse_value("false") is False and parse_value("true") is True
+    assert parse_value("0.2") == 0.2 and parse_value("100") == 100
+    assert parse_value("[64, 64]") == [64, 64] and parse_value("(64, 64)") == (64, 64)
+    assert parse_value("freeze_both") == "freeze_both" and parse_value("cuda:0") == "cuda:0"
