@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -68,3 +69,107 @@ def severity_sweep(method, domain: str, knob: str, severities: Sequence[int] = r
         labels = torch.from_numpy(np.stack([r.label for r in renders]).astype(np.int64))
         out[int(s)] = round(miou_of(predict_labels(method, images), labels), 2)
     return out
+
+
+# ----- comparing methods: paired differences over seeds ------------------------------------------
+def t_quantile(confidence: float, dof: int) -> float:
+    """Two-sided Student-t critical value t_{(1+confidence)/2, dof}."""
+    from scipy.stats import t
+
+    return float(t.ppf((1 + confidence) / 2, dof))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Paired difference a − b over seeds (a[i] and b[i] from the same seed) with its t-interval.
+
+    d_i = a_i − b_i, mean d̄, s = std(d, ddof=1), half-width h = t_{(1+c)/2, n−1} · s / √n (Student t over
+    the n seeds: the seeds are the samples, the evaluation set is fixed). The interval is d̄ ± h; the
+    difference is *resolved* when it excludes zero. Pairing removes what two runs of the same seed share
+    (initialisation, data order), so it needs fewer seeds than comparing two independent means.
+    Returns {mean, half_width, low, high, sd, n, confidence, excludes_zero}; n < 2 gives an infinite interval.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_difference needs two equally long 1-D sequences, got shapes {a.shape} and {b.shape}")
+    d = a - b
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    sd = float(d.std(ddof=1)) if n > 1 else math.nan
+    half = t_quantile(confidence, n - 1) * sd / math.sqrt(n) if n > 1 else math.inf
+    return {"mean": mean, "half_width": half, "low": mean - half, "high": mean + half, "sd": sd, "n": n,
+            "confidence": confidence, "excludes_zero": bool(n > 1 and (mean - half > 0 or mean + half < 0))}
+
+
+def detectable_difference(sd: float, n: int, confidence: float = 0.95) -> float:
+    """The smallest paired mean difference whose interval excludes zero at n seeds: t · sd / √n."""
+    return t_quantile(confidence, n - 1) * sd / math.sqrt(n)
+
+
+def format_difference(diff: Mapping[str, Any], digits: int = 1) -> str:
+    """'+1.8 [−0.3, +3.9]', with ' ✓' when the interval excludes zero (the difference is resolved)."""
+    if diff["n"] < 2:
+        return f"{diff['mean']:+.{digits}f} (1 seed)"
+    mark = " ✓" if diff["excludes_zero"] else ""
+    return f"{diff['mean']:+.{digits}f} [{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]{mark}"
+
+
+def compare_runs(runs: Sequence[Mapping[str, Any]], reference: str, confidence: float = 0.95
+                 ) -> dict[str, dict[str, Any]]:
+    """For every method other than `reference`: paired differences (method − reference) on each target, the
+    mean target and the source val, over the seeds both have. `runs` are `dgnb bench` records
+    (method, seed, target_miou, mean_target_miou, source_val_miou)."""
+    by = {(r["method"], r["seed"]): r for r in runs}
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    if reference not in methods:
+        raise ValueError(f"reference method '{reference}' has no runs; methods: {methods}")
+    out = {}
+    for m in methods:
+        if m == reference:
+            continue
+        seeds = sorted(s for (mm, s) in by if mm == m and (reference, s) in by)
+        pairs = [(by[(m, s)], by[(reference, s)]) for s in seeds]
+
+        def diff(get) -> dict[str, Any]:
+            return paired_difference([get(x) for x, _ in pairs], [get(y) for _, y in pairs], confidence)
+
+        targets = list(pairs[0][0]["target_miou"]) if pairs else []
+        out[m] = {"reference": reference, "seeds": seeds,
+                  "mean_target": diff(lambda r: r["mean_target_miou"]),
+                  "source_val": diff(lambda r: r["source_val_miou"]),
+                  "targets": {t: diff(lambda r, t=t: r["target_miou"][t]) for t in targets}}
+    return out
+
+
+# ----- what a categorical memory's read carries (Pin the Memory) ----------------------------------
+@torch.no_grad()
+def memory_read_diagnostics(method, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 16
+                            ) -> dict[str, float]:
+    """How much class information the memory read W (Eq. 4) carries, on labelled images:
+
+    - `own_slot_weight`: mean over labelled pixels of W[y(p)](p), the weight a pixel gives its own class's
+      slot (a uniform read gives 1/N);
+    - `uniform_weight`: 1/N, for comparison;
+    - `read_only_miou`: mIoU of argmax_n W[n](p) used as the label (no decoder);
+    - `slot_similarity`: mean cosine between distinct slots M[n]ᵀM[n'] (0: orthogonal, 1: all equal);
+    - `channels_per_class`: C / N.
+    """
+    from torch.nn import functional as F
+
+    memory = method.memory.float()
+    n_slots = memory.shape[0]
+    cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
+    own_sum, own_count = 0.0, 0
+    for i in range(0, len(images), batch_size):
+        x, y = images[i : i + batch_size], labels[i : i + batch_size]
+        w = method.read_weights(x.to(method.device)).float().cpu()
+        w = F.interpolate(w, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        cm += confusion_matrix(w.argmax(1), y, NUM_CLASSES)
+        valid = y != 255
+        own = w.gather(1, y.clamp(max=n_slots - 1).unsqueeze(1))[:, 0]
+        own_sum += float(own[valid].sum())
+        own_count += int(valid.sum())
+    sim = memory @ memory.t()
+    off = (sim.sum() - sim.diagonal().sum()) / (n_slots * (n_slots - 1))
+    return {"own_slot_weight": own_sum / max(own_count, 1), "uniform_weight": 1.0 / n_slots,
+            "read_only_miou": SegMetrics(cm).miou, "slot_similarity": float(off),
+            "channels_per_class": memory.shape[1] / n_slots}

@@ -68,8 +68,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for m in methods:
         if m not in REGISTRY:
             raise SystemExit(f"unknown method '{m}'; registered methods: {','.join(sorted(REGISTRY))}")
-    res = bench(args.preset, methods, args.seeds, _overrides(args), args.force, args.out, not args.no_progress)
+    if args.reference and args.reference not in methods:
+        raise SystemExit(f"--reference {args.reference} is not among --methods {','.join(methods)}; add it to --methods")
+    res = bench(args.preset, methods, args.seeds, _overrides(args), args.force, args.out, not args.no_progress,
+                reference=args.reference)
     print(res["table"])
+    if res["comparison_table"]:
+        print("\n" + res["comparison_table"])
     if args.out:
         print(f"\nwrote {args.out}")
 
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default="erm", help=f"comma-separated, from: {','.join(sorted(REGISTRY))}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", help="write the JSON results here")
+    p.add_argument("--reference", help="method the paired per-seed differences are taken to (default: the first)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("train", help="train one run (or return it from the run cache)")

@@ -58,6 +58,7 @@ class TrainConfig:
     eval_every: int = 200
     checkpoint_every: int = 100
     log_every: int = 10
+    ema_decay: float = 0.0  # > 0: evaluate an exponential moving average of the weights (decay per iteration)
     device: str = "auto"   # auto | cpu | cuda | cuda:N
     amp: str = "auto"      # auto (bf16 on CUDA if supported, else fp16; off on CPU) | off | bf16 | fp16
 

@@ -1,6 +1,6 @@
 """One Dataset for the common on-disk layout, shared by generated and converted real data.
 
-Layout (DESIGN.md):
+Layout:
 
     <root>/<dataset>/meta.json                      name, domain, role, classes present, image size, origin
     <root>/<dataset>/<split>/images/<id>.png|jpg    RGB image
@@ -155,6 +155,12 @@ class SegFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sample i as plain tensors, un-transformed: uint8 image (3, H, W) and int64 label (H, W)."""
+        image, label = self._read(i)
+        img = torch.from_numpy(image).permute(2, 0, 1)
+        return img, (torch.from_numpy(label.astype(np.int64)) if label is not None else None)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, label = self._read(i)

@@ -10,12 +10,13 @@ of loader workers. Under torchrun, rank r takes its share of every domain's b im
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .folder import SegFolder
+from .transforms import BatchAugment
 
 
 def stable_seed(*parts: Any) -> int:
@@ -24,22 +25,47 @@ def stable_seed(*parts: Any) -> int:
 
 
 class SeededItems(Dataset):
-    """Items keyed by (domain, index, augmentation seed) over several SegFolders (no own transform)."""
+    """Decoded, un-augmented items keyed by (domain, index, augmentation seed) over several SegFolders.
 
-    def __init__(self, datasets: Sequence[SegFolder], transform: Callable[[dict], dict]) -> None:
-        self.datasets, self.transform = list(datasets), transform
+    Loader workers (if any) only decode; the augmentation runs batched afterwards (`AugmentedBatches`).
+    """
+
+    def __init__(self, datasets: Sequence[SegFolder]) -> None:
+        self.datasets = list(datasets)
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets)
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
         d, index, aug_seed = key
-        item = self.datasets[d][index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(aug_seed)
-            item = self.transform(item)
-        item["domain"] = d
-        return item
+        image, label = self.datasets[d].tensors(index)
+        return {"image": image, "label": label, "domain": d, "seed": aug_seed}
+
+
+def collate_lists(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Images of different sizes cannot be stacked before the crop: keep lists, stack the domain ids."""
+    return {"image": [it["image"] for it in items], "label": [it["label"] for it in items],
+            "domain": torch.tensor([it["domain"] for it in items]), "seed": [it["seed"] for it in items]}
+
+
+class AugmentedBatches:
+    """Iterates a loader of decoded items and applies `BatchAugment` to each batch (on `device` if given:
+    on a GPU the augmentation then costs next to nothing)."""
+
+    def __init__(self, loader: DataLoader, augment: BatchAugment, device: torch.device | None = None) -> None:
+        self.loader, self.augment, self.device = loader, augment, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for raw in self.loader:
+            images, labels = raw["image"], raw["label"]
+            if self.device is not None:
+                images = [im.to(self.device, non_blocking=True) for im in images]
+                labels = [lb.to(self.device, non_blocking=True) for lb in labels]
+            image, label = self.augment(images, labels, raw["seed"])
+            yield {"image": image, "label": label, "domain": raw["domain"]}
 
 
 class IterationBatchSampler(Sampler[list[tuple[int, int, int]]]):
@@ -79,13 +105,16 @@ class IterationBatchSampler(Sampler[list[tuple[int, int, int]]]):
             yield self.batch(t)
 
 
-def train_loader(datasets: Sequence[SegFolder], transform: Callable[[dict], dict], per_domain: int, seed: int,
-                 start: int, stop: int, num_workers: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+def train_loader(datasets: Sequence[SegFolder], augment: BatchAugment, per_domain: int, seed: int,
+                 start: int, stop: int, num_workers: int = 0, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None) -> AugmentedBatches:
+    """Batches of iterations start..stop-1: `per_domain` augmented images of each source domain."""
     sampler = IterationBatchSampler([len(d) for d in datasets], per_domain, seed, start, stop, rank, world)
     # Own generator: creating a DataLoader iterator otherwise draws from the global RNG, which would
     # shift dropout noise after a resume.
-    return DataLoader(SeededItems(datasets, transform), batch_sampler=sampler, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(SeededItems(datasets), batch_sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_lists, generator=torch.Generator().manual_seed(seed))
+    return AugmentedBatches(loader, augment, device)
 
 
 def eval_loader(dataset: SegFolder, batch_size: int = 8, num_workers: int = 0) -> DataLoader:

@@ -31,9 +31,24 @@ PINTHEMEM_ABLATIONS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
+# Implementation options of Pin the Memory measured next to the default: variant -> (what it tests, method,
+# hyperparameters, config overrides).
+PINTHEMEM_OPTIONS: dict[str, tuple[str, str, dict[str, Any], dict[str, Any]]] = {
+    "memory on dropout(F)": ("placement of F (dgnb 0.1)", "pinthemem", {"memory_dropout": True}, {}),
+    "code-faithful read": ("official code: l2norm(F) fused, Gumbel read in training", "pinthemem",
+                           {"fuse_normalized": True, "gumbel_train": True}, {}),
+    "F of 256 channels": ("the paper's memory capacity (C = 256)", "pinthemem", {}, {"model.head_channels": 256}),
+    "ERM, F of 256 channels": ("reference for the row above", "erm", {}, {"model.head_channels": 256}),
+}
+
+
 def ablation_config(preset_name: str, variant: str, seed: int, **overrides: Any) -> RunConfig:
-    """The run configuration of one `PINTHEMEM_ABLATIONS` variant (plus any config overrides)."""
-    _, method, hparams = PINTHEMEM_ABLATIONS[variant]
+    """The run configuration of one `PINTHEMEM_ABLATIONS` or `PINTHEMEM_OPTIONS` variant (plus any overrides)."""
+    if variant in PINTHEMEM_OPTIONS:
+        _, method, hparams, extra = PINTHEMEM_OPTIONS[variant]
+        overrides = {**extra, **overrides}
+    else:
+        _, method, hparams = PINTHEMEM_ABLATIONS[variant]
     return preset(preset_name, method, seed, **overrides, **{f"hparams.{k}": v for k, v in hparams.items()})
 
 
@@ -93,9 +108,31 @@ def markdown_table(runs: list[dict[str, Any]], domains: dict[str, dict[str, str]
     return "\n".join(lines)
 
 
+def comparison_table(comparisons: dict[str, dict[str, Any]], domains: dict[str, dict[str, str]]) -> str:
+    """Paired (same-seed) differences to the reference: mean [95% t-interval over seeds], ✓ = excludes zero."""
+    from ..analysis import format_difference
+
+    if not comparisons:
+        return ""
+    targets = [d for d, r in domains.items() if r["role"] != "source"]
+    ref = next(iter(comparisons.values()))["reference"]
+    head = [f"method − {ref}", "seeds", "source val"] + targets + ["mean target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, c in comparisons.items():
+        cells = [method, str(c["mean_target"]["n"]), format_difference(c["source_val"])]
+        cells += [format_difference(c["targets"][t]) for t in targets] + [format_difference(c["mean_target"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Paired difference to {ref} per seed, mean [95% interval, Student t over the seeds]; ✓: the "
+                 "interval excludes zero (resolved). Without ✓ the difference is not resolved by these seeds.")
+    return "\n".join(lines)
+
+
 def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overrides: dict[str, Any] | None = None,
-          force: bool = False, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run every (method, seed); return {"preset", "domains", "runs", "table"} and write it to `out`."""
+          force: bool = False, out: str | Path | None = None, progress: bool = True,
+          reference: str | None = None) -> dict[str, Any]:
+    """Run every (method, seed); return {"preset", "domains", "runs", "table", "comparisons", "comparison_table"}
+    and write it to `out`. `reference` (default: the first method) is what the paired differences are taken to."""
     configs = [preset(preset_name, m, s, **(overrides or {})) for m in methods for s in seeds]
     if not configs:
         raise ValueError("no runs: give at least one method and one seed")
@@ -105,7 +142,13 @@ def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overri
     for cfg in configs:
         run = train(cfg, force=force, progress=progress)
         runs.append({**run.metrics, "run_dir": str(run.dir)})
-    result = {"preset": preset_name, "machine": machine_info(), "domains": domains, "runs": runs, "table": markdown_table(runs, domains)}
+    from ..analysis import compare_runs
+
+    reference = reference or methods[0]
+    comparisons = compare_runs(runs, reference)
+    result = {"preset": preset_name, "machine": machine_info(), "domains": domains, "runs": runs,
+              "table": markdown_table(runs, domains), "reference": reference, "comparisons": comparisons,
+              "comparison_table": comparison_table(comparisons, domains)}
     if out is not None:
         atomic_write_json(out, result)
     return result

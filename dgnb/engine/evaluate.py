@@ -17,6 +17,16 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int 
     return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes).cpu()
 
 
+def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """(B, K, K) confusion matrices, one per image, in one bincount (image index as the leading digit)."""
+    b = pred.shape[0]
+    keep = target != IGNORE_INDEX
+    image = torch.arange(b, device=pred.device).view(b, *[1] * (pred.dim() - 1)).expand_as(pred)
+    idx = (image * num_classes + target.clamp(max=num_classes - 1)) * num_classes + pred
+    counts = torch.bincount(idx[keep], minlength=b * num_classes**2)
+    return counts.reshape(b, num_classes, num_classes).cpu()
+
+
 @dataclass
 class SegMetrics:
     """IoU_c = TP / (TP + FP + FN). mIoU averages over `classes` that appear in the ground truth."""

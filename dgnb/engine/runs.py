@@ -25,7 +25,7 @@ from ..config import RunConfig, dgnb_home
 from ..data.folder import SegFolder
 from ..data.loaders import eval_loader, train_loader
 from ..data.taxonomy import CLASS_SUBSETS
-from ..data.transforms import eval_transform, train_transform
+from ..data.transforms import BatchAugment, eval_transform
 from ..io import atomic_write_json
 from ..methods import Method, build_method
 from .distributed import barrier, broadcast_module, init_from_env, is_main
@@ -33,8 +33,9 @@ from .evaluate import SegMetrics, evaluate
 from .train import CHECKPOINT, fit, resolve_amp, resolve_device, seed_everything, write_log
 
 
-# Modules that cannot change a run's result: presentation, the command line, tools around runs.
-_NOT_KEYED = ("viz/", "analysis.py", "cli.py", "engine/bench.py", "data/inspect.py")
+# Modules that cannot change a run's result: presentation, the command line, tools around runs, and the
+# presets (config.py only produces configuration values, and those are hashed themselves).
+_NOT_KEYED = ("viz/", "analysis.py", "cli.py", "engine/bench.py", "data/inspect.py", "config.py")
 
 
 @lru_cache(maxsize=None)
@@ -104,11 +105,14 @@ class Run:
         p = self.dir / "log.jsonl"
         return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
 
-    def load_method(self, device: str = "auto") -> Method:
-        """The trained method, in eval mode, from the run's checkpoint."""
+    def load_method(self, device: str = "auto", averaged: bool = True) -> Method:
+        """The trained method, in eval mode, from the run's checkpoint; with the averaged (EMA) weights
+        when the run kept them and `averaged` (what the run's metrics were computed with)."""
         method = make_method(self.config, resolve_device(device))
         state = torch.load(self.dir / CHECKPOINT, map_location=method.device, weights_only=False)
         method.load_checkpoint_state(state["method"], weights_only=True)
+        if averaged and method.ema_state is not None:
+            method.load_state_dict(method.ema_state, strict=False)
         return method.eval()
 
     @classmethod
@@ -145,19 +149,25 @@ def domain_set(cfg: RunConfig, name: str, split: str, transform: Any, index: int
 def make_method(cfg: RunConfig, device: torch.device) -> Method:
     seed_everything(cfg.seed)
     method = build_method(cfg.method, cfg.model, cfg.optim, len(cfg.data.sources), cfg.hparams)
-    return method.setup(device, resolve_amp(cfg.train.amp, device))
+    method.setup(device, resolve_amp(cfg.train.amp, device))
+    if cfg.train.ema_decay > 0:
+        method.enable_ema(cfg.train.ema_decay)
+    return method
 
 
 def evaluate_domains(method: Method, cfg: RunConfig, domains: list[str], split: str = "val",
-                     limit: int | None = None) -> dict[str, SegMetrics]:
-    """Per-domain metrics of `method` on `split` of each domain (single scale, no flip)."""
+                     limit: int | None = None, datasets: dict[str, SegFolder] | None = None) -> dict[str, SegMetrics]:
+    """Per-domain metrics of `method` on `split` of each domain (single scale, no flip); `datasets` may hold
+    already-built (cached) evaluation sets by name."""
     classes = CLASS_SUBSETS[cfg.data.protocol]
     out = {}
     method.eval()
-    for name in domains:
-        ds = domain_set(cfg, name, split, eval_transform(cfg.data.eval_size), limit=limit)
-        out[name] = evaluate(method.predict, eval_loader(ds, cfg.data.eval_batch_size, cfg.data.num_workers),
-                             method.device, classes)
+    with method.averaged():  # the EMA weights when the run keeps them
+        for name in domains:
+            ds = (datasets or {}).get(name) or domain_set(cfg, name, split, eval_transform(cfg.data.eval_size),
+                                                          limit=limit)
+            out[name] = evaluate(method.predict, eval_loader(ds, cfg.data.eval_batch_size, cfg.data.num_workers),
+                                 method.device, classes)
     return out
 
 
@@ -198,14 +208,18 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
     broadcast_module(method)
     d = cfg.data
     sources = [domain_set(cfg, n, "train", None, i, d.train_limit, d.cache_images) for i, n in enumerate(d.sources)]
-    transform = train_transform(d.crop, d.base_size, d.scale, d.color_jitter)
+    augment = BatchAugment(tuple(d.crop), tuple(d.base_size), tuple(d.scale), d.color_jitter)
 
     def make_loader(start: int):
-        return train_loader(sources, transform, d.batch_per_domain, cfg.seed, start, cfg.train.iterations,
-                            d.num_workers, rank, world)
+        return train_loader(sources, augment, d.batch_per_domain, cfg.seed, start, cfg.train.iterations,
+                            d.num_workers, rank, world, device)
+
+    # periodic validation sets, decoded once (kept in memory with `cache_images`)
+    val_sets = {n: domain_set(cfg, n, "val", eval_transform(d.eval_size), limit=d.val_limit, cache=d.cache_images)
+                for n in d.sources}
 
     def validate(m: Method) -> dict[str, float]:
-        res = evaluate_domains(m, cfg, d.sources, limit=d.val_limit)
+        res = evaluate_domains(m, cfg, d.sources, limit=d.val_limit, datasets=val_sets)
         return {"val_miou": round(SegMetrics(sum(r.confusion for r in res.values())).miou, 2)}
 
     history, seconds = fit(method, make_loader, cfg.train.iterations, folder, validate if is_main() else None,

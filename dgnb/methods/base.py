@@ -51,6 +51,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     uda: ClassVar[bool] = False  # needs unlabeled target images in the batch
+    ema_exclude: ClassVar[tuple[str, ...]] = ()  # state entries that weight averaging leaves alone
 
     @dataclass
     class Hparams:
@@ -67,6 +68,8 @@ class Method(nn.Module):
         self.scaler: torch.amp.GradScaler | None = None
         self.amp_dtype: torch.dtype | None = None
         self.iteration = 0
+        self.ema_decay = 0.0
+        self.ema_state: dict[str, torch.Tensor] | None = None
 
     # ----- set-up -------------------------------------------------------------------------
     def setup(self, device: torch.device, amp_dtype: torch.dtype | None = None) -> "Method":
@@ -108,6 +111,38 @@ class Method(nn.Module):
         for s in self.schedulers.values():
             s.step()
         self.iteration += 1
+        if self.ema_state is not None:
+            self.update_ema()
+
+    # ----- weight averaging (EMA) -------------------------------------------------------------
+    def enable_ema(self, decay: float) -> None:
+        """Keep θ̄, an exponential moving average of every floating-point parameter and buffer (BatchNorm
+        statistics included): θ̄ <- d θ̄ + (1 − d) θ after each iteration. Evaluation uses θ̄ (`averaged`).
+        Averaging the last few hundred iterates removes most of the final-iterate noise of SGD."""
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}; use train.ema_decay=0 to turn it off")
+        self.ema_decay = decay
+        self.ema_state = {k: v.detach().clone() for k, v in self.state_dict().items()
+                          if v.is_floating_point() and k not in self.ema_exclude}
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        current = self.state_dict()
+        keys = list(self.ema_state)
+        torch._foreach_lerp_([self.ema_state[k] for k in keys], [current[k].detach() for k in keys], 1 - self.ema_decay)
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator["Method"]:
+        """Inside the block the method holds the averaged weights θ̄ (no-op without EMA); restored after."""
+        if self.ema_state is None:
+            yield self
+            return
+        backup = {k: v.detach().clone() for k, v in self.state_dict().items() if k in self.ema_state}
+        self.load_state_dict(self.ema_state, strict=False)
+        try:
+            yield self
+        finally:
+            self.load_state_dict(backup, strict=False)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision on CUDA when the engine asked for it; a no-op otherwise."""
@@ -154,12 +189,16 @@ class Method(nn.Module):
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "iteration": self.iteration,
             "extra": self.extra_state(),
+            "ema": self.ema_state,
         }
 
     def load_checkpoint_state(self, state: dict[str, Any], weights_only: bool = False) -> None:
         self.load_state_dict(state["module"])
         self.iteration = state["iteration"]
         self.load_extra_state(state.get("extra", {}))
+        if self.ema_state is not None and state.get("ema") is not None:
+            for k, v in state["ema"].items():
+                self.ema_state[k].copy_(v)
         if weights_only:
             return
         for k, o in self.optimizers.items():

@@ -243,6 +243,7 @@ class MemoryOutput:
 @register
 class PinTheMemory(Method):
     name = "pinthemem"
+    ema_exclude = ("mem.memory",)  # M is already a running average (Eq. 2); weight averaging leaves it alone
 
     @dataclass
     class Hparams:
@@ -263,6 +264,8 @@ class PinTheMemory(Method):
         meta_weight: float = 1.0            # β of Eq. 11 relative to the outer lr (code: 1)
         memory_update: str = "freeze_encoder"  # Table 6 re-write before meta-test: freeze_encoder (paper),
                                             # train_both, freeze_both, none (meta-test reads the meta-train write)
+        memory_dropout: bool = False        # True: the memory reads/writes dropout(F) (dgnb <= 0.1); False: the
+                                            # clean F, as the official network (dropout then acts on R only)
         fuse_normalized: bool = False       # Eq. 5 input: F (paper; +1.1 mIoU on quick) or l2norm(F) (code)
         gumbel_train: bool = False          # Gumbel-softmax read during training (code: True; paper: softmax)
         gumbel_read: bool = False           # Gumbel-softmax read at test time (code: True; dgnb: deterministic)
@@ -309,13 +312,15 @@ class PinTheMemory(Method):
         """
         size = images.shape[-2:]
         stages, feats = self.model.encode(images)
+        if self.hp.memory_dropout:  # the head's dropout applied to F before the memory instead of to R after it
+            feats = self.model.head.feature_dropout(feats)
         written = self.mem.write(memory, feats, labels, sync) if write else None
         if not read:
             return MemoryOutput(None, None, feats, None, written)
         q = l2norm(feats)
         scores = cosine_scores(q, memory, normalized=True)
         fused = self.fusion(q if self.hp.fuse_normalized else feats, read_weights_from_scores(scores, gumbel), memory)
-        logits = self.model.decode(fused, stages, size)
+        logits = self.model.decode(fused, stages, size, dropout=not self.hp.memory_dropout)
         aux = None
         if self.model.aux_head is not None and self.training:
             aux = F.interpolate(self.model.aux_head(stages["layer3"]), size=size, mode="bilinear", align_corners=False)

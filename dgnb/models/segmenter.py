@@ -28,6 +28,7 @@ class ModelConfig:
     low_proj: int = 16
     decoder_channels: int | None = None  # None: same as head_channels (the paper's 256/256)
     aspp_rates: tuple[int, ...] = (4, 8, 12)
+    feature_dropout: float = 0.5  # DeepLab-v3+: dropout on F at the start of the decoder (torchvision's ASPP value)
     aux: bool = True
     num_classes: int = NUM_CLASSES
 
@@ -55,7 +56,7 @@ class Segmenter(nn.Module):
         if cfg.head == "deeplabv3plus":
             self.head: nn.Module = DeepLabV3PlusHead(
                 ch["layer4"], ch["layer1"], cfg.num_classes, tuple(cfg.aspp_rates), cfg.head_channels, cfg.low_proj,
-                cfg.decoder_channels,
+                cfg.decoder_channels, cfg.feature_dropout,
             )
             self.aux_head = FCNHead(ch["layer3"], cfg.num_classes) if cfg.aux else None
         else:
@@ -73,9 +74,12 @@ class Segmenter(nn.Module):
         stages = self.backbone((images - self.mean) / self.std)
         return stages, self.head.encode(stages)
 
-    def decode(self, features: torch.Tensor, stages: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """Class scores from F (possibly changed by a method), upsampled bilinearly to `size`."""
-        return F.interpolate(self.head.decode(features, stages), size=size, mode="bilinear", align_corners=False)
+    def decode(self, features: torch.Tensor, stages: dict[str, torch.Tensor], size: tuple[int, int],
+               dropout: bool = True) -> torch.Tensor:
+        """Class scores from F (possibly changed by a method), upsampled bilinearly to `size`; `dropout=False`
+        skips the head's feature dropout (for a method that already applied it to F)."""
+        return F.interpolate(self.head.decode(features, stages, dropout), size=size, mode="bilinear",
+                             align_corners=False)
 
     def forward(self, images: torch.Tensor, return_stages: bool = False) -> SegOutput:
         size = images.shape[-2:]

@@ -176,3 +176,60 @@ def knob_sweep_figure(domain: str, knob: str, severities: Sequence[float] = rang
     fig.subplots_adjust(top=0.78)
     plt.close(fig)  # displayed once, as the returned value (not also by the inline backend)
     return fig
+
+
+def seed_intervals_figure(runs: Sequence[Mapping[str, Any]], reference: str | None = None,
+                          labels: Mapping[str, str] | None = None, title: str | None = None) -> Figure:
+    """Results as intervals, from `dgnb bench` records (method, seed, target_miou, mean_target_miou).
+
+    Left: every seed as a dot, per target and for the mean target, with each method's mean and 95%
+    t-interval over its seeds. Right: the paired (same-seed) difference of each method to `reference`
+    (default: the first method), mean and 95% interval; an interval that crosses the dashed zero line
+    is not resolved by these seeds.
+    """
+    import seaborn as sns
+
+    from ..analysis import compare_runs, t_quantile
+
+    labels = dict(labels or {})
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    reference = reference or methods[0]
+    targets = list(runs[0]["target_miou"])
+    columns = targets + ["mean target"]
+    colors = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(3.0 + 1.5 * len(columns), 3.8),
+                                 gridspec_kw={"width_ratios": [len(columns), max(2, len(columns) // 2)]})
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        rs = [r for r in runs if r["method"] == method]
+        for j, col in enumerate(columns):
+            vals = np.array([r["mean_target_miou"] if col == "mean target" else r["target_miou"][col] for r in rs])
+            x = j - 0.4 + width * (k + 0.5)
+            ax.scatter(np.full(len(vals), x) + np.linspace(-width / 5, width / 5, len(vals)), vals, s=9,
+                       color=colors[method], alpha=0.55, lw=0)
+            half = t_quantile(0.95, len(vals) - 1) * vals.std(ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else 0
+            ax.errorbar(x, vals.mean(), yerr=half, fmt="o", color=colors[method], ms=5, capsize=3,
+                        label=labels.get(method, method) if j == 0 else None)
+    ax.set_xticks(range(len(columns)), columns, fontsize=8)
+    ax.set_ylabel("mIoU (%)")
+    ax.grid(axis="y", alpha=0.3)
+    n_seeds = len({r["seed"] for r in runs})
+    ax.set_title(title or f"dots: seeds ({n_seeds}); bars: mean and 95% interval", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    comp = compare_runs(runs, reference)
+    others = [m for m in methods if m != reference]
+    for k, method in enumerate(others):
+        d = comp[method]["mean_target"]
+        bx.errorbar(k, d["mean"], yerr=d["half_width"] if np.isfinite(d["half_width"]) else 0, fmt="o",
+                    color=colors[method], capsize=4)
+        bx.annotate("resolved" if d["excludes_zero"] else "not resolved", (k, d["high"] if np.isfinite(d["high"]) else d["mean"]),
+                    textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
+    bx.axhline(0, color="k", ls="--", lw=0.8)
+    bx.set_xticks(range(len(others)), [labels.get(m, m) for m in others], fontsize=8, rotation=15)
+    bx.set_xlim(-0.6, len(others) - 0.4)
+    bx.set_ylabel(f"mean target mIoU − {labels.get(reference, reference)} (points)")
+    bx.set_title("paired difference, 95% interval", fontsize=9)
+    bx.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
