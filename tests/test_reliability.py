@@ -90,6 +90,7 @@ def test_trial_conversion_never_deletes_a_complete_one(tmp_path, capsys):
     convert_cs(tmp_path / "cs", tmp_path / "data", limit=1, name="cityscapes_trial")  # a trial elsewhere is fine
     trial = json.loads((tmp_path / "data/cityscapes_trial/meta.json").read_text())
     assert trial["splits"] == {"train": 1, "val": 1} and trial["trial_limit"] == 1
+    assert verify(tmp_path / "data/cityscapes_trial", progress=False).ok
 
 
 def test_a_failing_rerun_keeps_the_outputs_it_could_not_redo(tmp_path):
