@@ -98,12 +98,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except ConversionError as e:
-        print(f"data_tools: error: {e}", file=sys.stderr)
-        return 2
+    from dgnb.errors import pop_debug, run_cli
+
+    p = parser()
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks of expected errors (allowed anywhere in the line)")
+    argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
+    args = p.parse_args(argv)
+    return run_cli("data_tools", lambda: args.fn(args), debug, extra=(ConversionError,))
 
 
 if __name__ == "__main__":

@@ -476,6 +476,8 @@ def write_meta(ds_dir: Path, name: str, spec: DatasetSpec, layout: Layout, mappi
         "image_size": [h, w], "resize_short_side": opts.resize, "square_crop": opts.square,
         "made_by": "python -m data_tools convert", "converter_version": CONVERTER_VERSION,
     }
+    if opts.limit is not None:
+        meta["trial_limit"] = opts.limit  # a --limit trial: the first N pairs of each split only
     atomic_write_json(ds_dir / "meta.json", meta)
     return meta
 
@@ -544,15 +546,48 @@ def _remove_stale(split_dir: Path, records: list[dict[str, Any]]) -> int:
     """Delete outputs of samples that are no longer part of the split (and leftover temporary files)."""
     keep = {"images": {r["image"] for r in records if r["status"] == "ok"},
             "labels": {r["label"] for r in records if r["status"] == "ok"}}
+    failed = {r["id"] for r in records if r["status"] == "error"}  # a rerun fixes them: keep what they had
     removed = 0
     for sub, names in keep.items():
         folder = split_dir / sub
         if folder.is_dir():
             for f in folder.iterdir():
-                if f.name not in names:
+                if f.name not in names and f.stem not in failed:
                     f.unlink()
                     removed += 1
     return removed
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}); delete it and rerun the same command "
+                              "(finished files are skipped).") from e
+
+
+def check_destination(dst: Path) -> None:
+    """--dst must be a folder (or not exist yet); a file there is an error before anything is read."""
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"--dst {dst} is a file, not a folder; give the data root folder (datasets go to "
+                              "DST/<name>/).")
+
+
+def check_trial(ds_dir: Path, plans: list[SplitPlan], limit: int) -> None:
+    """A --limit trial keeps only its first `limit` pairs per split, so it may not run where other converted
+    files exist: the stale-file pass would delete them. Such files are never deleted by a trial."""
+    if limit < 1:
+        raise ConversionError(f"--limit {limit} is invalid: give the number of pairs per split to convert, >= 1.")
+    for plan in plans:
+        split_dir = ds_dir / plan.name
+        keep = {p.id for p in plan.pairs[:limit]}
+        other = sorted({f.stem for sub in ("images", "labels") if (split_dir / sub).is_dir()
+                        for f in (split_dir / sub).iterdir() if not f.name.startswith(".")} - keep)
+        if other:
+            raise ConversionError(
+                f"{split_dir} already holds {len(other)} converted pair(s) beyond the first {limit} (e.g. "
+                f"'{other[0]}'); a --limit {limit} trial there would delete them. Write the trial elsewhere "
+                f"(--name {ds_dir.name}_trial or another --dst), or drop --limit to (re)convert the whole split.")
 
 
 def resolve_splits(spec: DatasetSpec, opts: Options) -> list[str]:
@@ -577,6 +612,7 @@ def convert(kind: str, src: str | Path, dst: str | Path, opts: Options | None = 
     if not src.is_dir():
         raise ConversionError(f"--src {src} is not a folder. Download and extract {spec.title} there first "
                               "(see the README, 'Real datasets').")
+    check_destination(dst)
     _policies(spec, opts)
     layout = spec.detect(src, opts)
     log(f"{spec.kind}: detected layout '{layout.variant}' at {layout.root}\n  {layout.description}")
@@ -597,9 +633,11 @@ def convert(kind: str, src: str | Path, dst: str | Path, opts: Options | None = 
         return {}
     name = spec.output_name(opts)
     ds_dir = dst / name
+    if opts.limit is not None:
+        check_trial(ds_dir, plans, opts.limit)
     old_meta = ds_dir / "meta.json"
     if old_meta.is_file():
-        old = json.loads(old_meta.read_text() or "{}")
+        old = _read_json(old_meta)
         if old.get("source") not in (None, spec.kind):
             raise ConversionError(f"{ds_dir} holds a converted '{old.get('source')}' dataset; refusing to mix "
                                   f"{spec.kind} into it. Choose another --name or delete that folder.")

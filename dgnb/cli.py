@@ -6,10 +6,12 @@ import argparse
 import ast
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, preset
+from .errors import pop_debug, run_cli
 
 
 def parse_value(text: str) -> Any:
@@ -27,17 +29,17 @@ def parse_value(text: str) -> Any:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     o: dict[str, Any] = {}
-    if getattr(args, "sources", None):
-        o["data.sources"] = args.sources.split(",")
-    if getattr(args, "targets", None):
-        o["data.targets"] = args.targets.split(",")
-    if getattr(args, "data_root", None):
+    if getattr(args, "sources", None) is not None:
+        o["data.sources"] = args.sources.split(",") if args.sources else []
+    if getattr(args, "targets", None) is not None:
+        o["data.targets"] = args.targets.split(",") if args.targets else []
+    if getattr(args, "data_root", None) is not None:
         o["data.root"] = args.data_root
-    if getattr(args, "iterations", None):
+    if getattr(args, "iterations", None) is not None:
         o["train.iterations"] = args.iterations
-    if getattr(args, "device", None):
+    if getattr(args, "device", None) is not None:
         o["train.device"] = args.device
-    if getattr(args, "amp", None):
+    if getattr(args, "amp", None) is not None:
         o["train.amp"] = args.amp
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
@@ -100,7 +102,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.protocol:
         cfg.data.protocol = args.protocol
     domains = args.domains.split(",") if args.domains else cfg.data.sources + cfg.data.targets
-    method = run.load_method(args.device or "auto")
+    _check_eval_inputs(run, cfg, domains, args.split, args.partial)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unfinished run is announced below, once
+        method = run.load_method(args.device or "auto")
+    if not run.complete:
+        print(f"note: {run.dir} is unfinished; scoring its checkpoint at iteration {method.iteration} of "
+              f"{cfg.train.iterations} (--partial)", file=sys.stderr)
     results = evaluate_domains(method, cfg, domains, args.split)
     print("| domain | mIoU | pixel acc |\n|---|---|---|")
     for name, m in results.items():
@@ -108,6 +116,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.per_class:
         for name, m in results.items():
             print(f"\n{name}: " + ", ".join(f"{c} {v:.1f}" for c, v in m.per_class().items()))
+
+
+def _check_eval_inputs(run: Any, cfg: Any, domains: list[str], split: str, partial: bool) -> None:
+    """Refuse an unfinished run unless --partial; check the domains exist before loading the model."""
+    from .data.city import SPLITS
+    from .engine.runs import check_names, domain_set
+
+    if not run.complete and not partial:
+        raise ValueError(f"{run.dir} is an unfinished run (no metrics.json: training was interrupted or is still "
+                         "going). Finish it with `dgnb train` and the same arguments (it resumes), or pass --partial "
+                         "to score its latest checkpoint anyway.")
+    if split not in SPLITS:
+        raise ValueError(f"--split {split!r} is not valid; choose one of {', '.join(SPLITS)}")
+    if not domains or "" in domains:
+        raise ValueError(f"--domains {','.join(domains)!r} is not valid: give comma-separated dataset names")
+    check_names(cfg, domains, "evaluation")
+    for name in domains:
+        domain_set(cfg, name, split, None)
+
+
+def _figure_path(out: str | None, default: str) -> Path:
+    """Where `data render` writes: a folder gets the default name inside it, a name without suffix gets .png."""
+    if out is None:
+        return Path(default)
+    path = Path(out)
+    if path.is_dir():
+        return path / default
+    return path if path.suffix else path.with_suffix(".png")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -136,8 +172,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
         if not args.domains or not args.knob:
             raise SystemExit("dgnb data render needs --domains NAME and --knob KNOB (see `dgnb data list`)")
+        out = _figure_path(args.out, f"{args.domains.split(',')[0]}_{args.knob}.png")
         fig = knob_sweep_figure(args.domains.split(",")[0], args.knob, index=args.index, size=tuple(c["size"]))
-        out = args.out or f"{args.domains}_{args.knob}.png"
         fig.savefig(out, dpi=120, bbox_inches="tight")
         print(f"wrote {out}")
 
@@ -170,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root")
     p.add_argument("--device")
     p.add_argument("--per-class", action="store_true")
+    p.add_argument("--partial", action="store_true", help="score an unfinished run's latest checkpoint")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("data", help="the procedural city: list, generate, inspect, render a knob sweep")
@@ -182,12 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out")
     p.set_defaults(fn=cmd_data)
 
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of expected errors (allowed anywhere in the line)")
+    argv, debug = pop_debug(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
-    try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dgnb: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    code = run_cli("dgnb", lambda: args.fn(args), debug)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

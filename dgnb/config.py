@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .methods.base import OptimConfig
 from .models import ModelConfig
@@ -79,11 +81,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        return cls(
+        return validate(cls(
             method=d["method"], preset=d["preset"], seed=d["seed"], hparams=dict(d.get("hparams", {})),
             model=_build(ModelConfig, d["model"]), optim=_build(OptimConfig, d["optim"]),
             data=_build(DataConfig, d["data"]), train=_build(TrainConfig, d["train"]),
-        )
+        ))
 
 
 def _build(cls: type, values: dict[str, Any]) -> Any:
@@ -186,7 +188,208 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         target = getattr(cfg, obj, None)
         if target is None or not dataclasses.is_dataclass(target) or not hasattr(target, rest[0]):
             raise ValueError(f"unknown config field '{path}'")
+        if path == "data.protocol" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # --set data.protocol=16 parses as a number
         setattr(target, rest[0], value)
         if path == "train.iterations":
             cfg.optim.iterations = value
+    return validate(cfg)
+
+
+# ----- validation --------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A config value has the wrong type or is out of range; the message names the field, value and valid range."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One field's check: `ok(value)` and the valid range in words (for the error message)."""
+
+    ok: Callable[[Any], bool]
+    valid: str
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(lo: int, hi: int | None = None) -> Rule:
+    span = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    return Rule(lambda v: _is_int(v) and v >= lo and (hi is None or v <= hi), span)
+
+
+def _num(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    upper = "inf)" if hi is None else f"{hi}{')' if hi_open else ']'}"
+    span = f"a number in {'(' if lo_open else '['}{lo}, {upper}"
+
+    def ok(v: Any) -> bool:
+        return _is_num(v) and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+
+    return Rule(ok, span)
+
+
+def _choice(*values: Any) -> Rule:
+    return Rule(lambda v: not isinstance(v, bool) and v in values, f"one of {', '.join(map(repr, values))}")
+
+
+def _pair(elem: Rule, ordered: bool = False) -> Rule:
+    def ok(v: Any) -> bool:
+        return (isinstance(v, (list, tuple)) and len(v) == 2 and all(elem.ok(x) for x in v)
+                and (not ordered or v[0] <= v[1]))
+
+    return Rule(ok, f"two values [a, b]{' with a <= b' if ordered else ''}, each {elem.valid}")
+
+
+def _optional(rule: Rule) -> Rule:
+    return Rule(lambda v: v is None or rule.ok(v), f"null/None or {rule.valid}")
+
+
+def _names(min_len: int) -> Rule:
+    def ok(v: Any) -> bool:
+        return (isinstance(v, (list, tuple)) and len(v) >= min_len and len(set(v)) == len(v)
+                and all(isinstance(x, str) and x.strip() == x and x for x in v))
+
+    return Rule(ok, f"a list of {'at least one ' if min_len else ''}distinct dataset names (non-empty strings)")
+
+
+def _seq(elem: Rule) -> Rule:
+    return Rule(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(elem.ok(x) for x in v),
+                f"a non-empty list, each {elem.valid}")
+
+
+def _device_ok(v: Any) -> bool:
+    import re
+
+    return isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None
+
+
+def _city_ok(v: Any) -> bool:
+    if v is None:
+        return True
+    if not isinstance(v, dict) or set(v) != {"train", "val", "size", "seed"}:
+        return False
+    return (_int(1).ok(v["train"]) and _int(1).ok(v["val"]) and _pair(_int(16)).ok(v["size"])
+            and _int(0, 2**63 - 1).ok(v["seed"]))
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
+TEXT = Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")
+SEED = _int(0, 2**63 - 1)
+
+# Every config field and its check; a new field gets a line here (tests/test_reliability.py checks coverage).
+CHECKS: dict[str, Rule] = {
+    "method": Rule(lambda v: isinstance(v, str) and v in _registry(), "a registered method (dgnb train --help)"),
+    "preset": TEXT,
+    "seed": SEED,
+    "model.backbone": Rule(lambda v: v in _model_names()[0], "a backbone name (resnet_tiny, resnet18, resnet50, ...)"),
+    "model.head": Rule(lambda v: v in _model_names()[1], "deeplabv3plus or deeplabv2"),
+    "model.output_stride": _choice(8, 16, 32),
+    "model.pretrained": BOOL,
+    "model.head_channels": _int(1),
+    "model.low_proj": _int(1),
+    "model.decoder_channels": _optional(_int(1)),
+    "model.aspp_rates": _seq(_int(1)),
+    "model.aux": BOOL,
+    "model.num_classes": _int(1),
+    "model.feature_dropout": Rule(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                                  "a probability in [0, 1)"),
+    "optim.lr": _num(0, lo_open=True),
+    "optim.momentum": _num(0, 1, hi_open=True),
+    "optim.weight_decay": _num(0),
+    "optim.poly_power": _num(0),
+    "optim.head_lr_mult": _num(0, lo_open=True),
+    "optim.iterations": _int(1),
+    "data.root": TEXT,
+    "data.sources": _names(1),
+    "data.targets": _names(0),
+    "data.city": Rule(_city_ok, "null/None or {train: int >= 1, val: int >= 1, size: [H >= 16, W >= 16], "
+                                "seed: int >= 0}"),
+    "data.crop": _pair(_int(1)),
+    "data.base_size": _pair(_int(1)),
+    "data.scale": _pair(_num(0, lo_open=True), ordered=True),
+    "data.color_jitter": _num(0),
+    "data.batch_per_domain": _int(1),
+    "data.eval_size": _optional(_pair(_int(1))),
+    "data.eval_limit": _optional(_int(1)),
+    "data.val_limit": _optional(_int(1)),
+    "data.train_limit": _optional(_int(1)),
+    "data.eval_batch_size": _int(1),
+    "data.num_workers": _int(0),
+    "data.cache_images": BOOL,
+    "data.protocol": _choice("19", "16", "13"),
+    "train.iterations": _int(1),
+    "train.ema_decay": Rule(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                            "0 (off) or a decay in (0, 1), e.g. 0.995"),
+    "train.eval_every": _int(0),
+    "train.checkpoint_every": _int(1),
+    "train.log_every": _int(1),
+    "train.device": Rule(_device_ok, "auto, cpu, cuda, cuda:N or mps"),
+    "train.amp": _choice("auto", "off", "bf16", "fp16"),
+}
+
+
+def _registry() -> dict[str, Any]:
+    from .methods import REGISTRY
+
+    return REGISTRY
+
+
+def _model_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from .models import BACKBONES, HEADS
+
+    return BACKBONES, HEADS
+
+
+_FLAGS = {"seed": "--seed N", "method": "--method NAME", "preset": "--preset NAME",
+          "train.iterations": "--iterations N", "train.device": "--device auto|cpu|cuda",
+          "train.amp": "--amp auto|off|bf16|fp16", "data.root": "--data-root DIR", "data.sources": "--sources A,B",
+          "data.targets": "--targets C,D"}
+
+
+def config_fields(cfg: RunConfig) -> dict[str, Any]:
+    """Every checked field of `cfg` by dotted path (hparams excluded: the method checks those)."""
+    out: dict[str, Any] = {"method": cfg.method, "preset": cfg.preset, "seed": cfg.seed}
+    for section in ("model", "data", "train", "optim"):  # train.iterations before its copy optim.iterations
+        obj = getattr(cfg, section)
+        out.update({f"{section}.{f.name}": getattr(obj, f.name) for f in dataclasses.fields(obj)})
+    return out
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every field's type and range (CHECKS) and the method's hyperparameters; raise ConfigError."""
+    for path, value in config_fields(cfg).items():
+        rule = CHECKS.get(path)
+        if rule is not None and not rule.ok(value):
+            raise ConfigError(f"config value {path}={value!r} is invalid: expected {rule.valid}. Fix: "
+                              f"{_FLAGS.get(path, f'--set {path}=VALUE')} on the command line, "
+                              f"{'preset(name, method, seed=N)' if path == 'seed' else f'{path}=VALUE in preset(...)'}"
+                              " in Python.")
+    _validate_hparams(cfg)
     return cfg
+
+
+def _validate_hparams(cfg: RunConfig) -> None:
+    """Unknown names and values whose type differs from the default's (a bool for a bool, a number for a float)."""
+    from .methods.base import make_hparams
+
+    defaults = make_hparams(_registry()[cfg.method].Hparams, {}, cfg.method)
+    make_hparams(type(defaults), cfg.hparams, cfg.method)  # unknown names: error listing the valid ones
+    for name, value in cfg.hparams.items():
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = _is_int(value), "an integer"
+        elif isinstance(default, float):
+            ok, want = _is_num(value), "a number"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        else:
+            ok, want = True, ""
+        if not ok:
+            raise ConfigError(f"hyperparameter hparams.{name}={value!r} of method '{cfg.method}' is invalid: expected "
+                              f"{want} (default {default!r}). Fix it with --set hparams.{name}=VALUE.")

@@ -366,10 +366,16 @@ def test_resume_skips_finished_files_and_redoes_damaged_ones(tmp_path, capsys):
     run("cityscapes", tmp_path / "cs", tmp_path / "data")
     assert "val: 3 converted (2 already done, skipped)" in capsys.readouterr().out
     assert labels[0].read_bytes() == before[labels[0]][1]
-    run("cityscapes", tmp_path / "cs", tmp_path / "data", limit=1, splits=["val"])  # changed options: redone
-    out = capsys.readouterr().out
-    assert "val: 1 converted (1 already done" in out and "2 stale file" not in out and "4 stale file(s)" in out
-    assert len(list((ds / "val/labels").glob("*.png"))) == 1
+    with pytest.raises(ConversionError, match="trial there would delete them"):  # a trial never deletes
+        run("cityscapes", tmp_path / "cs", tmp_path / "data", limit=1, splits=["val"])
+    assert len(list((ds / "val/labels").glob("*.png"))) == 3 and verify(ds, progress=False).ok
+    gone = sorted((tmp_path / "cs").rglob("*_leftImg8bit.png"))[-1]  # a sample leaves the split: its outputs go
+    gone.unlink()
+    for p in (tmp_path / "cs").rglob(gone.name.replace("_leftImg8bit.png", "_gtFine_*")):
+        p.unlink()
+    capsys.readouterr()
+    run("cityscapes", tmp_path / "cs", tmp_path / "data")
+    assert "2 stale file(s) removed" in capsys.readouterr().out
     assert verify(ds, progress=False).ok
 
 

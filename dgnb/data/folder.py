@@ -62,6 +62,21 @@ def read_meta(root: str | Path, dataset: str) -> dict[str, Any]:
                                  "that made this folder.") from e
 
 
+def check_count(ds_dir: Path, split: str, found: int, meta: dict[str, Any]) -> None:
+    """A split must hold at least the number of samples its meta.json records (deleted files are not silent)."""
+    recorded = (meta.get("splits") or {}).get(split)
+    if not isinstance(recorded, int) or found >= recorded:
+        return
+    if meta.get("origin") == "dgnb procedural city":
+        fix = ("rerun the same command: the generator refills missing images (or `dgnb data generate "
+               f"--root {ds_dir.parent} --domains {ds_dir.name}`)")
+    else:
+        fix = ("rerun the `python -m data_tools convert` command that made it (finished files are skipped), then "
+               f"`python -m data_tools verify {ds_dir}`")
+    raise DatasetLayoutError(f"{ds_dir / split} holds {found} complete image/label pairs but {ds_dir / 'meta.json'} "
+                             f"records {recorded}: files were deleted or the copy is incomplete. To fix it, {fix}.")
+
+
 def list_samples(split_dir: Path, require_labels: bool = True) -> list[Sample]:
     """Pair `images/<id>.*` with `labels/<id>.png`, sorted by id; orphans are an error."""
     img_dir, lbl_dir = split_dir / "images", split_dir / "labels"
@@ -129,7 +144,9 @@ class SegFolder(Dataset):
     ) -> None:
         self.root, self.dataset, self.split = Path(root), dataset, split
         self.meta = read_meta(root, dataset)
-        self.samples = list_samples(self.root / dataset / split, require_labels)[:limit]
+        samples = list_samples(self.root / dataset / split, require_labels)
+        check_count(self.root / dataset, split, len(samples), self.meta)
+        self.samples = samples[:limit]
         self.transform = transform
         self.domain_index = domain_index
         self.cache: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = {} if cache else None

@@ -13,7 +13,7 @@ import hashlib
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .folder import SegFolder
 from .transforms import BatchAugment
@@ -117,5 +117,16 @@ def train_loader(datasets: Sequence[SegFolder], augment: BatchAugment, per_domai
     return AugmentedBatches(loader, augment, device)
 
 
+def collate_by_size(items: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
+    """One batch when every image has the same size, else a list of same-size batches (an evaluation set may
+    mix sizes, e.g. Mapillary at native resolution); `dgnb.engine.evaluate` accepts both."""
+    groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for item in items:
+        groups.setdefault(tuple(item["image"].shape), []).append(item)
+    batches = [default_collate(g) for g in groups.values()]
+    return batches[0] if len(batches) == 1 else batches
+
+
 def eval_loader(dataset: SegFolder, batch_size: int = 8, num_workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_by_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import statistics
@@ -128,6 +129,22 @@ def comparison_table(comparisons: dict[str, dict[str, Any]], domains: dict[str, 
     return "\n".join(lines)
 
 
+def check_output_file(out: str | Path | None) -> None:
+    """Fail before any training when `out` cannot be written: a folder, or a parent that is not a writable folder."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "the output path is a folder", str(path))
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "the output's folder is a file", str(parent))
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(errno.EACCES, "the output's folder is not writable", str(parent))
+
+
 def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overrides: dict[str, Any] | None = None,
           force: bool = False, out: str | Path | None = None, progress: bool = True,
           reference: str | None = None) -> dict[str, Any]:
@@ -136,12 +153,16 @@ def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overri
     configs = [preset(preset_name, m, s, **(overrides or {})) for m in methods for s in seeds]
     if not configs:
         raise ValueError("no runs: give at least one method and one seed")
+    check_output_file(out)
     prepare_data(configs[0], progress)
     domains = domain_roles(configs[0])
     runs = []
     for cfg in configs:
         run = train(cfg, force=force, progress=progress)
         runs.append({**run.metrics, "run_dir": str(run.dir)})
+        if out is not None and len(runs) < len(configs):  # partial results as runs finish (atomic)
+            atomic_write_json(out, {"preset": preset_name, "complete": False, "runs_planned": len(configs),
+                                    "domains": domains, "runs": runs, "table": markdown_table(runs, domains)})
     from ..analysis import compare_runs
 
     reference = reference or methods[0]

@@ -67,6 +67,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[d
     """Run `predict` (images in [0,1] -> scores) over `loader` and accumulate the confusion matrix."""
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for batch in loader:
-        scores = predict(batch["image"].to(device))
-        cm += confusion_matrix(scores.argmax(1), batch["label"].to(device), num_classes)
+        for group in batch if isinstance(batch, list) else [batch]:  # a list: same-size groups of mixed sizes
+            scores = predict(group["image"].to(device))
+            cm += confusion_matrix(scores.argmax(1), group["label"].to(device), num_classes)
     return SegMetrics(cm, tuple(classes) if classes is not None else tuple(range(num_classes)))

@@ -1,9 +1,12 @@
 """The run cache and the one-call `train(cfg)` used by notebooks, the CLI and benchmarks.
 
-A run is keyed by a hash of its full config and of the library's source code (a changed library
-must not serve stale runs). Its folder holds `config.json`, `checkpoint.pt`, `log.jsonl` and, once
-complete, `metrics.json` (written last). `train(cfg)` returns the cached run when it is complete,
-resumes it when a checkpoint exists, and retrains from scratch with `force=True`.
+A run is keyed by a hash of its config and of the library's source code (a changed library must not
+serve stale runs); the evaluation-only fields (`EVAL_ONLY`: targets, eval limit, class protocol) are
+left out of the key. Its folder holds `config.json`, `checkpoint.pt`, `log.jsonl` and, once complete,
+`metrics.json` (written last, with the checkpoint's SHA-256). `train(cfg)` returns the cached run when
+it is complete (after checking its checkpoint), evaluates it when only evaluation fields changed
+(`metrics-<eval key>.json`), resumes it when a checkpoint exists, and retrains with `force=True`.
+Every dataset name and split is checked before any generation, download or training.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import inspect
 import json
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,15 +26,17 @@ import torch
 
 from .. import __version__
 from ..config import RunConfig, dgnb_home
-from ..data.folder import SegFolder
+from ..config import validate as validate_config
+from ..data.folder import DatasetLayoutError, SegFolder
 from ..data.loaders import eval_loader, train_loader
 from ..data.taxonomy import CLASS_SUBSETS
 from ..data.transforms import BatchAugment, eval_transform
+from ..errors import CheckpointError, RunCacheError
 from ..io import atomic_write_json
 from ..methods import Method, build_method
 from .distributed import barrier, broadcast_module, init_from_env, is_main
 from .evaluate import SegMetrics, evaluate
-from .train import CHECKPOINT, fit, resolve_amp, resolve_device, seed_everything, write_log
+from .train import CHECKPOINT, fit, read_checkpoint, resolve_amp, resolve_device, restore, seed_everything, write_log
 
 
 # Modules that cannot change a run's result: presentation, the command line, tools around runs, and the
@@ -73,9 +79,56 @@ def _method_files(method: str, pkg: Path) -> set[str]:
     return keep
 
 
+# Fields that only change the final evaluation, not the trained weights: they are left out of the run key, so
+# changing them re-evaluates the finished checkpoint instead of retraining (see `train`). A UDA method trains on
+# its targets' images, so for it `data.targets` stays in the key.
+EVAL_ONLY = ("data.targets", "data.eval_limit", "data.protocol")
+
+
+def _eval_only(cfg: RunConfig) -> tuple[str, ...]:
+    from ..methods import REGISTRY
+
+    uda = getattr(REGISTRY.get(cfg.method), "uda", False)
+    return tuple(f for f in EVAL_ONLY if not (uda and f == "data.targets"))
+
+
+def training_dict(cfg: RunConfig) -> dict[str, Any]:
+    """`cfg` as a dict without the evaluation-only fields: what the trained weights depend on."""
+    d = cfg.to_dict()
+    for path in _eval_only(cfg):
+        section, name = path.split(".")
+        d[section].pop(name)
+    return d
+
+
 def run_key(cfg: RunConfig) -> str:
-    blob = json.dumps(cfg.to_dict(), sort_keys=True, default=str) + library_fingerprint(cfg.method)
+    blob = json.dumps(training_dict(cfg), sort_keys=True, default=str) + library_fingerprint(cfg.method)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def eval_key(cfg: RunConfig) -> str:
+    """Hash of the evaluation-only fields: which metrics file of a run belongs to `cfg`."""
+    values = {path: getattr(getattr(cfg, path.split(".")[0]), path.split(".")[1]) for path in EVAL_ONLY}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def read_json(path: Path) -> Any:
+    """Read a run-cache JSON file; a torn or edited one is a RunCacheError naming the file and the fix."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fix = ("delete it and rerun the same `dgnb train` command: the finished checkpoint is evaluated again, "
+               "not retrained" if Path(path).name.startswith("metrics") else
+               "delete the run folder and train it again")
+        raise RunCacheError(f"{path} is not valid JSON ({e}); {fix}.") from e
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def runs_root() -> Path:
@@ -92,9 +145,18 @@ class Run:
     config: RunConfig
 
     @property
+    def metrics_path(self) -> Path:
+        """`metrics.json` (written when training finished) if it holds this config's evaluation, else
+        `metrics-<eval key>.json` (the same weights evaluated on other targets, limits or protocol)."""
+        main = self.dir / "metrics.json"
+        if not main.is_file() or read_json(main).get("eval_key", eval_key(self.config)) == eval_key(self.config):
+            return main
+        return self.dir / f"metrics-{eval_key(self.config)}.json"
+
+    @property
     def metrics(self) -> dict[str, Any] | None:
-        p = self.dir / "metrics.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        p = self.metrics_path
+        return read_json(p) if p.is_file() else None
 
     @property
     def complete(self) -> bool:
@@ -109,10 +171,13 @@ class Run:
         """The trained method, in eval mode, from the run's checkpoint; with the averaged (EMA) weights
         when the run kept them and `averaged` (what the run's metrics were computed with)."""
         method = make_method(self.config, resolve_device(device))
-        state = torch.load(self.dir / CHECKPOINT, map_location=method.device, weights_only=False)
-        method.load_checkpoint_state(state["method"], weights_only=True)
+        path = self.dir / CHECKPOINT
+        restore(method, read_checkpoint(path, method.device), path, weights_only=True)
         if averaged and method.ema_state is not None:
             method.load_state_dict(method.ema_state, strict=False)
+        if not self.complete:
+            warnings.warn(f"{self.dir} is an unfinished run: its checkpoint is at iteration {method.iteration} of "
+                          f"{self.config.train.iterations}", stacklevel=2)
         return method.eval()
 
     @classmethod
@@ -120,7 +185,11 @@ class Run:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a run folder (no config.json); runs live in {runs_root()}")
-        return cls(path, RunConfig.from_dict(json.loads((path / "config.json").read_text())))
+        try:
+            return cls(path, RunConfig.from_dict(read_json(path / "config.json")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RunCacheError(f"{path / 'config.json'} is not a valid run config ({type(e).__name__}: {e}); "
+                                "delete the run folder and train it again") from e
 
 
 # ----- data --------------------------------------------------------------------------------------
@@ -143,7 +212,64 @@ def prepare_data(cfg: RunConfig, progress: bool = True) -> None:
 
 def domain_set(cfg: RunConfig, name: str, split: str, transform: Any, index: int = 0, limit: int | None = None,
                cache: bool = False) -> SegFolder:
+    count = _city_count(cfg, name, split)  # a city folder may hold more images than this run asks for
+    if count is not None:
+        limit = count if limit is None else min(limit, count)
     return SegFolder(cfg.data.root, name, split, transform=transform, domain_index=index, limit=limit, cache=cache)
+
+
+def _city_count(cfg: RunConfig, name: str, split: str) -> int | None:
+    if cfg.data.city is None or split not in ("train", "val"):
+        return None
+    from ..data.city import DOMAINS
+
+    return cfg.data.city[split] if name in DOMAINS else None
+
+
+# ----- checks before any work --------------------------------------------------------------------
+def check_inputs(cfg: RunConfig) -> None:
+    """Before generating, downloading or training: the data root and every dataset name must make sense."""
+    root = Path(cfg.data.root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DatasetLayoutError(f"data root {root} is a file, not a folder; point --data-root (data.root) at the "
+                                 "folder that holds the datasets")
+    check_names(cfg, cfg.data.sources, "source")
+    check_names(cfg, cfg.data.targets, "target")
+
+
+def check_names(cfg: RunConfig, names: list[str], role: str) -> None:
+    """Each name is a dataset under the data root, or a procedural-city domain this config generates."""
+    root = Path(cfg.data.root).expanduser()
+    city: dict[str, Any] = {}
+    if cfg.data.city is not None:
+        from ..data.city import DOMAINS as city
+    for name in names:
+        if name not in city and not (root / name / "meta.json").is_file():
+            raise DatasetLayoutError(_unknown_dataset(role, name, root, list(city)))
+
+
+def _unknown_dataset(role: str, name: str, root: Path, city: list[str]) -> str:
+    import difflib
+
+    found = sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file()) if root.is_dir() else []
+    found = [n for n in found if n not in city]
+    close = difflib.get_close_matches(name, found + city, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    where = (f"other datasets under {root}: {found or 'none'}" if root.is_dir() else
+             f"data root {root} does not exist: set --data-root, or $DGNB_DATA for the paper preset")
+    generated = f"procedural city domains: {', '.join(city)}; " if city else ""
+    flag = {"source": "--sources", "target": "--targets"}.get(role, "--domains")
+    return (f"{role} dataset '{name}' not found ({generated}{where}).{hint} Fix the name ({flag}), or convert the "
+            "dataset with `python -m data_tools convert ... --dst DATA_ROOT`.")
+
+
+def check_splits(cfg: RunConfig) -> None:
+    """Every split the run reads exists and agrees with its meta.json (cheap: lists files, reads no pixels)."""
+    for name in cfg.data.sources:
+        for split in ("train", "val"):
+            domain_set(cfg, name, split, None)
+    for name in cfg.data.targets:
+        domain_set(cfg, name, "val", None)
 
 
 def make_method(cfg: RunConfig, device: torch.device) -> Method:
@@ -190,12 +316,14 @@ def summarize(metrics: dict[str, SegMetrics], cfg: RunConfig) -> dict[str, Any]:
 def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path | None = None,
           stop_at: int | None = None) -> Run:
     """Train `cfg` (or return it from the run cache) and evaluate it on every source and target domain."""
+    validate_config(cfg)
     device = resolve_device(cfg.train.device)
     rank, world = init_from_env(device)
     folder = run_dir(cfg, root)
     run = Run(folder, cfg)
     if run.complete and not force:
-        return run
+        return _from_cache(run, progress)
+    check_inputs(cfg)
     if force and is_main() and folder.exists():
         shutil.rmtree(folder)
     barrier()
@@ -203,6 +331,7 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
     if is_main():
         atomic_write_json(folder / "config.json", cfg.to_dict())
     prepare_data(cfg, progress)
+    check_splits(cfg)
 
     method = make_method(cfg, device)
     broadcast_module(method)
@@ -233,6 +362,45 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
     summary["iterations"] = cfg.train.iterations
     summary["device"] = str(device)
     summary["world_size"] = world
+    summary["eval_key"] = eval_key(cfg)
+    summary["checkpoint_sha256"] = file_sha256(folder / CHECKPOINT)
     atomic_write_json(folder / "metrics.json", summary)
+    barrier()
+    return run
+
+
+def verify_checkpoint(run: Run) -> dict[str, Any]:
+    """A finished run's checkpoint must be the one its metrics.json recorded; returns that metrics.json."""
+    main = read_json(run.dir / "metrics.json")
+    ckpt = run.dir / CHECKPOINT
+    want = main.get("checkpoint_sha256")
+    if want is None:  # a run finished before checkpoints were recorded
+        return main
+    if not ckpt.is_file():
+        problem = "is missing"
+    elif file_sha256(ckpt) != want:
+        problem = "is corrupt or was replaced (its SHA-256 differs from the one metrics.json recorded)"
+    else:
+        return main
+    raise CheckpointError(f"{ckpt} {problem}; the cached run cannot be used. Retrain it: `dgnb train` with the same "
+                          "arguments plus --force (Python: train(cfg, force=True)).")
+
+
+def _from_cache(run: Run, progress: bool) -> Run:
+    """A finished run: check its checkpoint; evaluate it if this config's evaluation fields are new to it."""
+    main = verify_checkpoint(run)
+    if run.metrics_path.is_file():
+        return run
+    cfg = run.config
+    if is_main():
+        check_inputs(cfg)
+        prepare_data(cfg, progress)
+        check_splits(cfg)
+        method = run.load_method(cfg.train.device)
+        d = cfg.data
+        summary = summarize(evaluate_domains(method, cfg, d.sources + d.targets, limit=d.eval_limit), cfg)
+        keep = ("train_seconds", "iterations", "device", "world_size", "checkpoint_sha256")
+        summary.update({k: main[k] for k in keep if k in main}, eval_key=eval_key(cfg))
+        atomic_write_json(run.metrics_path, summary)
     barrier()
     return run

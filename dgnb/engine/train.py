@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import CheckpointError
 from ..io import atomic_torch_save
 from ..methods.base import Method
 from .distributed import is_main
@@ -31,6 +32,10 @@ CHECKPOINT = "checkpoint.pt"
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..config import CHECKS
+
+    if not CHECKS["train.device"].ok(name):
+        raise ValueError(f"device {name!r} is not valid: use {CHECKS['train.device'].valid} (--device cpu)")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{name}' requested but CUDA is not available here; use --device cpu or auto.")
@@ -78,12 +83,47 @@ def save_checkpoint(path: Path, method: Method, history: list[dict], train_secon
                                  "train_seconds": train_seconds})
 
 
+_RETRAIN = ("Retrain the run: `dgnb train` with the same arguments plus --force (Python: train(cfg, force=True)); "
+            "or delete the file to restart from scratch.")
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """`torch.load` a dgnb checkpoint; a missing, truncated or foreign file is a CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is missing: the run never reached its first checkpoint. "
+                              "Train it with `dgnb train` (same arguments).")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - whatever torch/pickle/zip raise, the file is unreadable
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {detail}): the file is truncated "
+                              f"or corrupt. {_RETRAIN}") from e
+    if not isinstance(state, dict) or not isinstance(state.get("method"), dict) or "module" not in state["method"]:
+        raise CheckpointError(f"{path} is not a dgnb checkpoint (no 'method' state). {_RETRAIN}")
+    return state
+
+
+def restore(method: Method, state: dict[str, Any], path: Path, weights_only: bool = False) -> None:
+    """Load a checkpoint's method state; one from another model or method is a CheckpointError naming the file."""
+    try:
+        method.load_checkpoint_state(state["method"], weights_only=weights_only)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:300]
+        raise CheckpointError(f"checkpoint {path} does not fit this run's method/model ({type(e).__name__}: "
+                              f"{detail} ...): it was written for another configuration. "
+                              f"{_RETRAIN}") from e
+
+
 def load_checkpoint(path: Path, method: Method) -> tuple[list[dict], float]:
     """Restore everything `save_checkpoint` wrote; returns (history, train seconds so far)."""
-    state = torch.load(path, map_location=method.device, weights_only=False)
-    method.load_checkpoint_state(state["method"])
-    set_rng_state(state["rng"])
-    return state["history"], state["train_seconds"]
+    state = read_checkpoint(path, method.device)
+    restore(method, state, path)
+    try:
+        set_rng_state(state["rng"])
+        return state["history"], state["train_seconds"]
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} lacks the training state needed to resume ({e!r}). {_RETRAIN}") from e
 
 
 @contextmanager

@@ -14,6 +14,8 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ..errors import DgnbError
+
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
@@ -103,4 +105,25 @@ def build_backbone(name: str, output_stride: int = 16, pretrained: bool = False)
     if name not in _TORCHVISION:
         raise ValueError(f"unknown backbone '{name}'; choose one of {BACKBONES}")
     fn, weights = _TORCHVISION[name]
-    return ResNetBackbone(fn(weights=weights if pretrained else None), output_stride)
+    if not pretrained:
+        return ResNetBackbone(fn(weights=None), output_stride)
+    try:
+        net = fn(weights=weights)
+    except (OSError, RuntimeError) as e:  # offline (URLError is an OSError), a proxy, or a truncated download
+        raise WeightsUnavailableError(_weights_help(name, weights.url, e)) from e
+    return ResNetBackbone(net, output_stride)
+
+
+class WeightsUnavailableError(DgnbError):
+    """ImageNet weights could not be fetched or read; the message says how to provide them."""
+
+
+def _weights_help(name: str, url: str, error: BaseException) -> str:
+    import os
+
+    import torch
+
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
+    return (f"cannot load the ImageNet weights of {name} ({type(error).__name__}: {error}). Download {url} on a "
+            f"machine with internet access and copy it to {target} (or set $TORCH_HOME), then rerun; or train "
+            "without them: --set model.pretrained=false.")

@@ -16,6 +16,7 @@ Geometric knobs (camera height, pitch, object density) act on the layout, not he
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import zlib
 from dataclasses import dataclass, field
 
@@ -70,8 +71,8 @@ def check_knobs(knobs: dict[str, float]) -> None:
         if name not in KNOBS:
             raise ValueError(f"unknown knob '{name}'; valid knobs: {sorted(KNOBS)}")
         lo = -5 if KNOBS[name].signed else 0
-        if not lo <= float(sev) <= 5:
-            raise ValueError(f"knob '{name}' severity {sev} is outside [{lo}, 5]")
+        if not isinstance(sev, numbers.Real) or isinstance(sev, bool) or not lo <= float(sev) <= 5:
+            raise ValueError(f"knob '{name}' severity {sev!r} is outside the valid range: a number in [{lo}, 5]")
 
 
 @dataclass(frozen=True)
