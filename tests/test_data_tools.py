@@ -291,6 +291,22 @@ def test_idd_polygons_rasterized_in_order(tmp_path):
     assert read_meta(tmp_path / "data2", "idd")["splits"] == {"val": 1}
 
 
+def test_idd_skips_polygons_of_fewer_than_three_points_like_the_authors_tool(tmp_path):
+    """AutoNUE's json2labelImg skips an object whose polygon has < 3 points before it even looks at the
+    label; PIL would otherwise draw a 2-point polygon as a line and a 1-point one as a dot."""
+    short = [{"label": "car", "polygon": [[0, 0], [39, 23]]},                    # a diagonal line
+             {"label": "bus", "polygon": [[5, 5]]},                               # a dot
+             {"label": "truck", "polygon": []},                                   # nothing
+             {"label": "hoverboard", "polygon": [[1, 1], [3, 3]]},                # unknown, but skipped first
+             {"label": "motorcycle", "polygon": [[33, 16], [37, 16], [35, 20]]}]  # a triangle: drawn
+    want = fx.make_idd(tmp_path / "idd", {"val": 1}, extra_objects=short)["1_000000"]
+    run("idd", tmp_path / "idd", tmp_path / "data", splits=["val"])  # no unknown-label error
+    got = converted_labels(tmp_path / "data/idd", "val")["1_000000"]
+    tri = got == 17
+    assert tri.any() and tri[16:21, 33:38].sum() == tri.sum()  # only the triangle is new
+    np.testing.assert_array_equal(got[~tri], want[~tri])  # no line, no dot
+
+
 # ----- errors on broken inputs ----------------------------------------------------------------------------
 def _break(kind: str, cs: Path) -> tuple[Path, str]:
     """Damage one file of a Cityscapes fixture; returns the damaged file and the expected message."""
