@@ -1,6 +1,6 @@
 """BDD100K semantic segmentation (10K): masks already hold train ids (0..18, 255 = unknown).
 
-Two releases (datasets.md §2.4): 2021 (`images/10k/<split>/*.jpg`, `labels/sem_seg/masks/<split>/*.png`)
+Two releases (docs/real_datasets.md, 'BDD100K'): 2021 (`images/10k/<split>/*.jpg`, `labels/sem_seg/masks/<split>/*.png`)
 and 2018 (`[seg/]images/<split>/*.jpg`, `[seg/]labels/<split>/*_train_id.png`). Images and masks are
 paired by name; the 2021 download is known to hold a few orphans (report, then --allow-orphans).
 The colormaps are never read (their wall/fence colours are swapped w.r.t. Cityscapes).

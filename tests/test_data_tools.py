@@ -49,7 +49,7 @@ def class_pixels(arrays) -> list[int]:
 
 
 # ----- tables ---------------------------------------------------------------------------------------------
-def test_lookup_tables_follow_datasets_md():
+def test_lookup_tables_follow_the_published_tables():
     for i in range(256):
         assert CITYSCAPES_LUT[i] == fx.CS_TO_TRAIN.get(i, 255)
         assert CITYSCAPES_KNOWN[i] == (i <= 33)
@@ -240,7 +240,7 @@ def test_bdd_releases_and_orphans(tmp_path, capsys):
 
 # ----- Mapillary ------------------------------------------------------------------------------------------
 def v20_rule(name: str) -> int:
-    """The v2.0 rule of datasets.md §2.5, restated independently of data_tools.mappings."""
+    """The v2.0 rule of docs/real_datasets.md ('Mapillary Vistas'), restated independently of data_tools.mappings."""
     if name in ("Road", "Manhole") or (name.startswith("Lane Marking") and "Crosswalk" not in name):
         return 0
     if name.startswith("Traffic Light - "):
