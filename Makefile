@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SEEDS ?= 0
 METHODS ?= erm
 
-.PHONY: setup bench test notebooks lab clean-runs
+.PHONY: setup bench test notebooks lab clean-runs course
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 ## The main job: generate the procedural city if missing, train ERM (run cache), print the table.
 bench: setup
 	$(BIN)/dgnb bench --preset quick --methods $(METHODS) --seeds $(SEEDS) --out benchmarks/results/bench_quick.json
+
+## Before a lab: train every run the notebooks need (quick preset; resumable, cached runs are skipped).
+course: setup
+	$(BIN)/dgnb course prepare --preset quick
 
 ## The whole test suite (library, data tools, notebooks executed on the smoke preset).
 test: setup

@@ -4,7 +4,7 @@
     python -m data_tools verify DATA_ROOT/DATASET
 
 Datasets: gtav, synthia (RAND-CITYSCAPES), cityscapes, bdd100k, mapillary (v1.2, v2.0), idd.
-See README "Real datasets" and /work/shared/datasets.md for the facts each converter follows.
+See README "Real datasets" and docs/real_datasets.md for the facts each converter follows.
 """
 
 from __future__ import annotations

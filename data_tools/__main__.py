@@ -61,9 +61,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--split", help="comma-separated splits (default: the dataset's labelled ones, e.g. train,val; "
                    "gtav/synthia also accept 'all', written as train)")
     c.add_argument("--resize", type=int, metavar="SHORT_SIDE", help="resize so the short side is this many pixels "
-                   "(images bilinear, labels nearest)")
-    c.add_argument("--square", action="store_true", help="centre-crop to a square after --resize (Mapillary "
-                   "evaluation protocol of RobustNet/SPC: --resize 1536 --square on val)")
+                   "(images bilinear, labels nearest); with --square, see there")
+    c.add_argument("--square", action="store_true", help="with --resize N, RobustNet's Mapillary evaluation "
+                   "transform exactly: height -> N (width truncated), image bicubic, label nearest, centre N x N "
+                   "crop (portrait images padded with ignore); use --resize 1536 --square on val")
     c.add_argument("--workers", type=int, default=workers, help=f"worker processes (default {workers})")
     c.add_argument("--name", help="output dataset folder name (default: the dataset kind; mapillary_v2 for v2.0)")
     c.add_argument("--split-file", action="append", metavar="SPLIT=FILE", help="a list of sample names for a split "

@@ -1,6 +1,6 @@
 """BDD100K semantic segmentation (10K): masks already hold train ids (0..18, 255 = unknown).
 
-Two releases (datasets.md §2.4): 2021 (`images/10k/<split>/*.jpg`, `labels/sem_seg/masks/<split>/*.png`)
+Two releases (docs/real_datasets.md, 'BDD100K'): 2021 (`images/10k/<split>/*.jpg`, `labels/sem_seg/masks/<split>/*.png`)
 and 2018 (`[seg/]images/<split>/*.jpg`, `[seg/]labels/<split>/*_train_id.png`). Images and masks are
 paired by name; the 2021 download is known to hold a few orphans (report, then --allow-orphans).
 The colormaps are never read (their wall/fence colours are swapped w.r.t. Cityscapes).
@@ -23,20 +23,23 @@ LAYOUTS = (
 EXPECTED = {"train": 7000, "val": 1000}
 
 
+SEARCH_DEPTH = 3  # folder levels below --src searched for the layout (the 2021 zips nest one level deeper)
+
+
 def detect_layout(src: Path, opts: Options) -> Layout:
     """2021 (images/10k + labels/sem_seg/masks) or 2018 (images + labels/*_train_id.png)."""
-    root = find_root(src, ["images/10k", "labels/sem_seg/masks"], max_depth=3)
+    root = find_root(src, ["images/10k", "labels/sem_seg/masks"], max_depth=SEARCH_DEPTH)
     if root is not None:
         return Layout("2021", "images/10k/<split>/*.jpg with labels/sem_seg/masks/<split>/*.png", root,
                       {"images": root / "images" / "10k", "labels": root / "labels" / "sem_seg" / "masks",
                        "suffix": ".png"})
-    root = find_root(src, ["images/train", "labels/train"], max_depth=3) or find_root(
-        src, ["images/val", "labels/val"], max_depth=3)
+    root = find_root(src, ["images/train", "labels/train"], max_depth=SEARCH_DEPTH) or find_root(
+        src, ["images/val", "labels/val"], max_depth=SEARCH_DEPTH)
     if root is not None:
         return Layout("2018", "images/<split>/*.jpg with labels/<split>/*_train_id.png", root,
                       {"images": root / "images", "labels": root / "labels", "suffix": "_train_id.png"})
     raise layout_error(TITLE, src, LAYOUTS, "Extract the '10K Images' zip and the semantic segmentation labels "
-                       "zip into one folder.\n")
+                       "zip into one folder.\n", depth=SEARCH_DEPTH)
 
 
 def split_pairs(layout: Layout, split: str, opts: Options) -> SplitPlan:

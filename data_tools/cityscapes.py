@@ -1,7 +1,7 @@
 """Cityscapes gtFine: `leftImg8bit/<split>/<city>/*_leftImg8bit.png` + `gtFine/.../*_gtFine_labelIds.png`.
 
 The label ids (0..33) go through the cityscapesScripts id -> trainId table; `*_labelTrainIds.png` is
-not shipped and not needed (datasets.md §1, §2.3).
+not shipped and not needed (docs/real_datasets.md, 'Cityscapes').
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from dgnb.data.taxonomy import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from dgnb.io import atomic_write_bytes, atomic_write_json, encode_png
 
 CONVERTER_VERSION = 1
+SQUARE_RULE = "robustnet-resize-height-bicubic"  # what --square does (part of the resume fingerprint)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEGENERATE_STD = 1.0  # an image whose pixel std is below this is "single colour"
 MISMATCH_POLICIES = ("error", "drop", "resize")
@@ -83,7 +84,7 @@ class SplitPlan:
     orphans: list[Pair] = field(default_factory=list)
     excluded: list[dict[str, str]] = field(default_factory=list)   # rule-based, e.g. documented frame lists
     selection: str = ""                        # how members were chosen (printed and stored in the manifest)
-    expected: int | None = None                # the count datasets.md documents, for comparison only
+    expected: int | None = None                # the count the dataset and papers report, for comparison only
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Options:
 
     splits: Sequence[str] | None = None
     resize: int | None = None                  # short side in pixels (images bilinear, labels nearest)
-    square: bool = False                       # centre-crop to a square after resizing (Mapillary eval protocol)
+    square: bool = False                       # with resize: height -> resize, bicubic, centre square (RobustNet)
     workers: int = 1
     name: str | None = None                    # output dataset folder (default: the kind)
     split_files: dict[str, Path] = field(default_factory=dict)
@@ -195,11 +196,14 @@ def listing(src: Path, limit: int = 12) -> str:
     return ", ".join(names[:limit]) + more if names else "(empty)"
 
 
-def layout_error(spec_title: str, src: Path, layouts: Sequence[str], extra: str = "") -> ConversionError:
+def layout_error(spec_title: str, src: Path, layouts: Sequence[str], extra: str = "",
+                 depth: int = 2) -> ConversionError:
+    """'Wrong layout' error; `depth` is the `max_depth` the converter gave `find_root`."""
     expected = "\n".join(f"  - {lay}" for lay in layouts)
+    levels = {1: "one folder level", 2: "two folder levels", 3: "three folder levels"}.get(depth, f"{depth} levels")
     return ConversionError(
-        f"{src} does not look like a {spec_title} download.\nExpected one of these layouts (searched up to two "
-        f"folder levels below --src):\n{expected}\nFound in {src}: {listing(src)}.\n{extra}"
+        f"{src} does not look like a {spec_title} download.\nExpected one of these layouts (searched up to "
+        f"{levels} below --src):\n{expected}\nFound in {src}: {listing(src)}.\n{extra}"
         "Point --src at the folder that holds the extracted archives."
     )
 
@@ -276,18 +280,39 @@ def decode_image(data: bytes, path: Path) -> Image.Image:
 
 
 def _resize_pair(rgb: np.ndarray, label: np.ndarray, short: int | None, square: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Resize so the short side is `short` (image bilinear, label nearest); optional centre square crop."""
+    """Resize and crop one pair; the label always with nearest neighbour.
+
+    Without `square`: resize so the short side is `short`, image bilinear, sizes rounded.
+    With `square` (the Mapillary evaluation of RobustNet and Pin the Memory, done exactly as their
+    ResizeHeight + CenterCropPad): resize so the *height* is `short` and the width `int(w / h * short)`
+    (truncated), image bicubic; then cut a `short` x `short` square at column `round((w' - short) / 2)`
+    (Python rounding). Every image at least as wide as tall gets the same pixels as RobustNet. A
+    narrower one (portrait) is padded to the square, centred, image 0 and label 255: RobustNet pads it
+    with label 0 (road) and off centre, a bug not reproduced. `square` without `short` cuts the
+    central square of the native image.
+    """
     h, w = label.shape
+    if square:
+        if short and (size := (max(1, int(w / h * short)), short)) != (w, h):
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))
+            label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
+        h, w = label.shape
+        s = short or min(h, w)
+        if w < s or h < s:
+            top, left = max(s - h, 0) // 2, max(s - w, 0) // 2
+            canvas_rgb = np.zeros((max(h, s), max(w, s), 3), rgb.dtype)
+            canvas_label = np.full((max(h, s), max(w, s)), IGNORE_INDEX, label.dtype)
+            canvas_rgb[top : top + h, left : left + w], canvas_label[top : top + h, left : left + w] = rgb, label
+            rgb, label = canvas_rgb, canvas_label
+            h, w = label.shape
+        top, left = int(round((h - s) / 2)), int(round((w - s) / 2))
+        return (np.ascontiguousarray(rgb[top : top + s, left : left + s]),
+                np.ascontiguousarray(label[top : top + s, left : left + s]))
     if short and min(h, w) != short:
         scale = short / min(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
         label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
-    if square:
-        h, w = label.shape
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        rgb, label = rgb[top : top + s, left : left + s], label[top : top + s, left : left + s]
     return np.ascontiguousarray(rgb), np.ascontiguousarray(label)
 
 
@@ -474,6 +499,7 @@ def write_meta(ds_dir: Path, name: str, spec: DatasetSpec, layout: Layout, mappi
         "splits": {s: m["count"] for s, m in manifests.items()},
         "classes_present": [i for i in range(NUM_CLASSES) if pixels[i] > 0],
         "image_size": [h, w], "resize_short_side": opts.resize, "square_crop": opts.square,
+        **({"square_rule": SQUARE_RULE} if opts.square else {}),
         "made_by": "python -m data_tools convert", "converter_version": CONVERTER_VERSION,
     }
     if opts.limit is not None:
@@ -516,7 +542,8 @@ def convert_split(spec: DatasetSpec, layout: Layout, plan: SplitPlan, decoder: D
                "unknown_ids": opts.unknown_ids, "limit": opts.limit}
     fingerprint = hashlib.sha256(json.dumps(
         {"v": CONVERTER_VERSION, "kind": spec.kind, "layout": layout.variant, "mapping": getattr(decoder, "name", ""),
-         **{k: v for k, v in options.items() if k != "limit"}}, sort_keys=True).encode()).hexdigest()[:16]
+         **{k: v for k, v in options.items() if k != "limit"},
+         **({"square_rule": SQUARE_RULE} if opts.square else {})}, sort_keys=True).encode()).hexdigest()[:16]
     split_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(split_dir / ".progress.jsonl", fingerprint)
     pairs = plan.pairs[: opts.limit] if opts.limit else plan.pairs
@@ -618,13 +645,19 @@ def convert(kind: str, src: str | Path, dst: str | Path, opts: Options | None = 
     log(f"{spec.kind}: detected layout '{layout.variant}' at {layout.root}\n  {layout.description}")
     decoder = spec.decoder(layout, opts)
     log(f"  labels: {getattr(decoder, 'name', decoder)}")
-    plans = [spec.plan(layout, s, opts) for s in resolve_splits(spec, opts)]
+    requested = resolve_splits(spec, opts)
+    plans = [spec.plan(layout, s, opts) for s in requested]
+    if "all" in requested and len(requested) > 1:
+        inside = [s for s in requested if s != "all"]
+        log(f"  note: 'all' (written as train) contains the {'/'.join(inside)} samples too, so {'/'.join(inside)} is "
+            "not held out: use it to watch the fit, not as a score (convert train,val under another --name for "
+            "disjoint splits)")
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
         raise ConversionError(f"splits {list(opts.splits or [])} write the same output folder twice ({names}); "
                               "'all' is written as 'train', so convert it under another --name.")
     for plan in plans:
-        expected = f", datasets.md documents {plan.expected}" if plan.expected is not None else ""
+        expected = f", expected {plan.expected}" if plan.expected is not None else ""
         log(f"  {plan.name}: {len(plan.pairs)} pairs ({plan.selection}{expected}); "
             f"{len(plan.orphans)} orphan(s); {len(plan.excluded)} excluded by rule")
     if any(p.orphans for p in plans) and not opts.allow_orphans:

@@ -1,6 +1,6 @@
 """GTAV ("Playing for Data"): `images/NNNNN.png` + palette `labels/NNNNN.png` whose index is the Cityscapes id.
 
-Splits (datasets.md §2.1, §4): the official `split.mat` (trainIds/valIds/testIds, 12,403 / 6,382 /
+Splits (docs/real_datasets.md, 'GTAV'): the official `split.mat` (trainIds/valIds/testIds, 12,403 / 6,382 /
 6,181); the DG papers' train list is the official one minus 15 single-colour frames (RobustNet, 12,388),
 the default here (`--gtav-list dg`); `--split all` takes all 24,966 frames (UDA protocol). Pairs whose
 image and label sizes differ and single-colour frames are dropped by default and listed in the manifest.
@@ -62,7 +62,7 @@ def _listed_ids(layout: Layout, split: str, opts: Options) -> tuple[list[str], s
 
 def _all_frames(images: dict[str, Path], labels: dict[str, Path]) -> list[str]:
     """Every frame number from 00001 to the highest found: a gap (a frame with neither image nor label)
-    becomes an orphan, the signature of an archive part that was not fully downloaded (datasets.md §4.3)."""
+    becomes an orphan, the signature of an archive part that was not fully downloaded (docs/real_datasets.md)."""
     found = set(images) | set(labels)
     numbers = [int(k) for k in found if k.isdigit()]
     return sorted(found | {f"{i:05d}" for i in range(1, max(numbers, default=0) + 1)})

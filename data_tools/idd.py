@@ -3,7 +3,8 @@
 `leftImg8bit/<split>/<drive>/<frame>_leftImg8bit.png` + `gtFine/<split>/<drive>/<frame>_gtFine_polygons.json`.
 Polygons are drawn in file order with PIL (later objects on top), as AutoNUE's json2labelImg does, and
 their names go through the `csTrainId` column of anue_labels.py (autorickshaw -> ignore, non-drivable
-fallback -> terrain). Sample ids are `<drive>_<frame>` because frame names repeat across drives.
+fallback -> terrain). As in that tool, deleted objects and polygons of fewer than 3 points are skipped
+(`readers.PolygonDecoder`). Sample ids are `<drive>_<frame>` because frame names repeat across drives.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def split_pairs(layout: Layout, split: str, opts: Options) -> SplitPlan:
 
 
 def label_decoder(layout: Layout, opts: Options) -> PolygonDecoder:
-    return PolygonDecoder("IDD polygons -> csTrainId (AutoNUE anue_labels.py), drawn in file order",
+    return PolygonDecoder("IDD polygons -> csTrainId (AutoNUE anue_labels.py), drawn in file order, "
+                          "polygons under 3 points skipped",
                           dict(IDD_NAME_TO_TRAIN), unknown=opts.unknown_ids)
 
 

@@ -1,9 +1,9 @@
 """Mapillary Vistas v1.2 and v2.0: palette PNGs whose index is the class; mapped to train ids by class name.
 
-Layouts (datasets.md §2.5): the v1.x release (`{training,validation}/{images,labels}` + `config.json`)
-and the combined release (`{training,validation}/images`, `.../v1.2/labels`, `.../v2.0/labels`,
-`config_v1.2.json`, `config_v2.0.json`). The class order is read from the config and checked against
-the table's class names, so a v2.0 label can never go through the v1.2 table (or the reverse).
+Layouts (docs/real_datasets.md, 'Mapillary Vistas'): the v1.x release (`{training,validation}/{images,labels}`
++ `config.json`) and the combined release (`{training,validation}/images`, `.../v1.2/labels`,
+`.../v2.0/labels`, `config_v1.2.json`, `config_v2.0.json`). The class order is read from the config and
+checked against the table's class names, so a v2.0 label can never go through the v1.2 table (or the reverse).
 v1.2 uses the RobustNet/Pin-the-Memory DG table; v2.0 a table by name in the same spirit.
 """
 

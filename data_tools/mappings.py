@@ -1,6 +1,6 @@
 """Explicit lookup tables from each dataset's native label ids to the 19 Cityscapes train ids.
 
-Every table is written out here (sources in /work/shared/datasets.md §1-2) and turned into a numpy
+Every table is written out here (sources: docs/real_datasets.md, one section per dataset) and turned into a numpy
 lookup array: `lut[native_label]` maps a whole label image at once, and `known[native_label]` tells
 which native ids the format defines (anything else is an error, never a silent 255).
 Labels are always read as index images; colour renderings are never decoded.
@@ -94,8 +94,8 @@ MAPILLARY_V20_CLASSES: tuple[str, ...] = (
 _V20_LANE_MARKINGS = tuple(
     n for n in MAPILLARY_V20_CLASSES if n.startswith("Lane Marking") and "Crosswalk" not in n
 )
-#: v2.0 -> train id, by class name, in the spirit of the v1.2 DG rule (datasets.md §2.5): lane markings
-#: (except crosswalk markings, as in v1.2) and manholes are road; all six traffic-light kinds are traffic
+#: v2.0 -> train id, by class name, in the spirit of the v1.2 DG rule (docs/real_datasets.md, 'Mapillary Vistas'):
+#: lane markings (except crosswalk markings, as in v1.2) and manholes are road; all six traffic-light kinds are traffic
 #: light; the three front-facing traffic-sign kinds are traffic sign; groups stay ignore (as Cityscapes).
 MAPILLARY_V20_TO_TRAIN: dict[str, int] = {
     "Road": 0, **{n: 0 for n in _V20_LANE_MARKINGS}, "Manhole": 0,

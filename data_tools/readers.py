@@ -129,8 +129,12 @@ class LutDecoder:
 
 @dataclass
 class PolygonDecoder:
-    """Cityscapes-style polygon JSON -> train ids, drawn in file order (later objects on top), like
-    json2labelImg: background 255, deleted objects skipped, '<name>group' falls back to '<name>'."""
+    """Cityscapes-style polygon JSON -> train ids, drawn in file order (later objects on top), like the
+    dataset authors' json2labelImg (AutoNUE public-code, Cityscapes scripts): background 255 (the
+    `unlabeled` row), objects marked deleted or with fewer than 3 points skipped (PIL would draw them
+    as a line or a dot), '<name>group' falls back to '<name>', every other polygon filled with PIL's
+    `ImageDraw.polygon` at the coordinates as written. An unknown label is an error here (the authors'
+    tool prints a warning and skips the object, which `unknown="ignore"` reproduces)."""
 
     name: str
     table: dict[str, int] = field(default_factory=dict)
@@ -155,7 +159,8 @@ class PolygonDecoder:
         canvas = Image.new("L", size, 255)
         draw = ImageDraw.Draw(canvas)
         for k, obj in enumerate(objects):
-            if obj.get("deleted"):
+            points = [(float(p[0]), float(p[1])) for p in obj.get("polygon", [])]
+            if obj.get("deleted") or len(points) < 3:  # json2labelImg skips both before looking at the label
                 continue
             label = str(obj.get("label", ""))
             if label not in self.table and label.endswith("group"):
@@ -167,9 +172,6 @@ class PolygonDecoder:
                         f"(known: {sorted(self.table)[:5]}...). Check that this is an IDD gtFine file; rerun with "
                         "--unknown-ids ignore to leave such objects unlabelled (255)."
                     )
-                continue
-            points = [(float(p[0]), float(p[1])) for p in obj.get("polygon", [])]
-            if len(points) < 2:
                 continue
             draw.polygon(points, fill=self.table[label])
         return np.asarray(canvas)

@@ -165,7 +165,7 @@ def _verify_split(rep: VerifyReport, split_dir: Path, meta_count: int | None, wo
         if manifest.get(key):
             extra.append(f"{len(manifest[key])} {key}")
     expected = manifest.get("expected_count")
-    rep.lines.append(f"{split}: {len(pairs)} pairs" + (f" (datasets.md: {expected})" if expected else "")
+    rep.lines.append(f"{split}: {len(pairs)} pairs" + (f" (expected: {expected})" if expected else "")
                      + f"; sizes {top or '-'}" + (f"; manifest lists {', '.join(extra)}" if extra else ""))
     return pixels
 

@@ -1,4 +1,4 @@
-"""`dgnb` command line: bench, train, eval, data."""
+"""`dgnb` command line: bench, train, eval, data, course."""
 
 from __future__ import annotations
 
@@ -178,6 +178,15 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"wrote {out}")
 
 
+def cmd_course(args: argparse.Namespace) -> None:
+    from .course import course_plan, plan_table, prepare_course
+
+    if args.action == "list":
+        print(plan_table(course_plan(args.preset, args.seed)))
+        return
+    prepare_course(args.preset, args.seed, force=args.force, progress=not args.no_progress)
+
+
 def main(argv: list[str] | None = None) -> None:
     from .methods import REGISTRY
 
@@ -218,6 +227,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--out")
     p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("course", help="train every run the notebooks need before a lab (prepare), or list them")
+    p.add_argument("action", choices=("prepare", "list"))
+    p.add_argument("--preset", default="quick", choices=PRESETS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="retrain runs the run cache already holds")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_course)
 
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks of expected errors (allowed anywhere in the line)")

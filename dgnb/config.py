@@ -106,9 +106,9 @@ def _city_roles() -> tuple[list[str], list[str]]:
     return sources, [n for n, d in DOMAINS.items() if d.role != "source"]
 
 
-# Paper-scale evaluation resolution (W x H) per real dataset (methods.md §1.1, §4.5; datasets.md §3): whole image,
+# Paper-scale evaluation resolution (W x H) per real dataset (docs/real_datasets.md, 'Evaluation resolution'): whole,
 # single scale. data_tools stores each dataset at it, so `eval_size=None` evaluates every target at its own size:
-# Cityscapes and BDD100K as downloaded; Mapillary val converted with `--resize 1536 --square` (RobustNet/SPC).
+# Cityscapes and BDD100K as downloaded; Mapillary val converted with `--resize 1536 --square` (RobustNet's).
 PAPER_EVAL_RESOLUTION = {"cityscapes": (2048, 1024), "bdd100k": (1280, 720), "mapillary": (1536, 1536),
                          "gtav": (1914, 1052), "synthia": (1280, 760), "idd": (1920, 1080)}
 PAPER_CITY = {"train": 600, "val": 150, "size": [128, 256], "seed": 0}  # procedural domains mixed into a paper run

@@ -44,3 +44,10 @@ def toy_config(root: Path, iterations: int = 10, method: str = "erm", **hparams)
                         batch_per_domain=2, val_limit=4),
         train=TrainConfig(iterations=iterations, eval_every=5, checkpoint_every=5, log_every=5),
     )
+
+
+@pytest.fixture(scope="session")
+def smoke_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """$DGNB_HOME for smoke-preset runs: the folder tests/test_notebooks.py uses, so the smoke city is generated
+    once per session and runs trained by one test are cached for the others."""
+    return tmp_path_factory.getbasetemp() / "dgnb_home"

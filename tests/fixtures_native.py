@@ -1,7 +1,7 @@
 """Tiny datasets in each benchmark's *native* on-disk format, with known content.
 
 Each builder writes file names, folder nesting and label encodings as the real downloads do
-(datasets.md §2) and returns the train-id label it expects after conversion, computed from the
+(docs/real_datasets.md) and returns the train-id label it expects after conversion, computed from the
 tables written out *here* (independently of data_tools.mappings), so a wrong table is caught.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# ----- expected mappings, copied from datasets.md (not imported from data_tools) -------------------------
+# ----- expected mappings, written out from the datasets' own tables (not imported from data_tools) -------
 CS_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 SYNTHIA_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13,

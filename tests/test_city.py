@@ -35,7 +35,7 @@ def test_style_domains_are_paired_renders_of_one_layout_and_geometric_is_not():
 
 
 def test_every_source_domain_shows_every_city_class():
-    """datasets.md 7.2 (10): each class appears in each source, so per-class IoU is defined everywhere."""
+    """docs/city.md: each class appears in each source, so per-class IoU is defined everywhere."""
     seen = np.zeros(256, bool)
     for i in range(40):
         seen[np.unique(render("source_a", "train", i, size=(128, 256)).label)] = True

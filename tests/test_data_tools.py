@@ -49,7 +49,7 @@ def class_pixels(arrays) -> list[int]:
 
 
 # ----- tables ---------------------------------------------------------------------------------------------
-def test_lookup_tables_follow_datasets_md():
+def test_lookup_tables_follow_the_published_tables():
     for i in range(256):
         assert CITYSCAPES_LUT[i] == fx.CS_TO_TRAIN.get(i, 255)
         assert CITYSCAPES_KNOWN[i] == (i <= 33)
@@ -181,6 +181,10 @@ def test_synthia_16bit_labels_and_dg_split(tmp_path, capsys):
     assert meta["classes_present"] == sorted({int(v) for a in want.values() for v in np.unique(a)} - {255})
     uda = run("synthia", src, tmp_path / "uda", splits=["all"])
     assert uda["train"]["count"] == 5
+    capsys.readouterr()
+    uda = run("synthia", src, tmp_path / "uda2", splits=["all", "val"], split_dir=lists)
+    assert set(uda["val"]["items"]) <= set(uda["train"]["items"])  # the UDA val is inside train: say so
+    assert "not held out" in capsys.readouterr().out
 
     rn = tmp_path / "rn"
     fx.make_synthia(rn, {"train": [0], "val": [1]}, robustnet=True)
@@ -236,7 +240,7 @@ def test_bdd_releases_and_orphans(tmp_path, capsys):
 
 # ----- Mapillary ------------------------------------------------------------------------------------------
 def v20_rule(name: str) -> int:
-    """The v2.0 rule of datasets.md §2.5, restated independently of data_tools.mappings."""
+    """The v2.0 rule of docs/real_datasets.md ('Mapillary Vistas'), restated independently of data_tools.mappings."""
     if name in ("Road", "Manhole") or (name.startswith("Lane Marking") and "Crosswalk" not in name):
         return 0
     if name.startswith("Traffic Light - "):
@@ -291,6 +295,22 @@ def test_idd_polygons_rasterized_in_order(tmp_path):
     assert read_meta(tmp_path / "data2", "idd")["splits"] == {"val": 1}
 
 
+def test_idd_skips_polygons_of_fewer_than_three_points_like_the_authors_tool(tmp_path):
+    """AutoNUE's json2labelImg skips an object whose polygon has < 3 points before it even looks at the
+    label; PIL would otherwise draw a 2-point polygon as a line and a 1-point one as a dot."""
+    short = [{"label": "car", "polygon": [[0, 0], [39, 23]]},                    # a diagonal line
+             {"label": "bus", "polygon": [[5, 5]]},                               # a dot
+             {"label": "truck", "polygon": []},                                   # nothing
+             {"label": "hoverboard", "polygon": [[1, 1], [3, 3]]},                # unknown, but skipped first
+             {"label": "motorcycle", "polygon": [[33, 16], [37, 16], [35, 20]]}]  # a triangle: drawn
+    want = fx.make_idd(tmp_path / "idd", {"val": 1}, extra_objects=short)["1_000000"]
+    run("idd", tmp_path / "idd", tmp_path / "data", splits=["val"])  # no unknown-label error
+    got = converted_labels(tmp_path / "data/idd", "val")["1_000000"]
+    tri = got == 17
+    assert tri.any() and tri[16:21, 33:38].sum() == tri.sum()  # only the triangle is new
+    np.testing.assert_array_equal(got[~tri], want[~tri])  # no line, no dot
+
+
 # ----- errors on broken inputs ----------------------------------------------------------------------------
 def _break(kind: str, cs: Path) -> tuple[Path, str]:
     """Damage one file of a Cityscapes fixture; returns the damaged file and the expected message."""
@@ -343,6 +363,8 @@ def test_wrong_layout_lists_what_was_expected(tmp_path):
         with pytest.raises(ConversionError, match="does not look like") as e:
             run(kind, tmp_path / "junk", tmp_path / "data")
         assert "photos/" in str(e.value) and "Expected one of" in str(e.value)
+        levels = "three folder levels" if kind == "bdd100k" else "two folder levels"  # what find_root searched
+        assert f"searched up to {levels} below --src" in str(e.value)
     with pytest.raises(ConversionError, match="not a folder"):
         run("gtav", tmp_path / "nowhere", tmp_path / "data")
     with pytest.raises(ConversionError, match="unknown dataset"):
@@ -394,6 +416,40 @@ def test_resize_short_side_and_square_crop(tmp_path):
     assert verify(tmp_path / "sq/cityscapes", progress=False).ok
 
 
+def test_mapillary_square_is_robustnet_resize_height_and_centre_crop(tmp_path):
+    """`--resize 1536 --square` on a 1920x1080 image = RobustNet's Mapillary val transform, written out
+    here with PIL as its ResizeHeight(1536) + CenterCropPad(1536) do: width int(1920 / 1080 * 1536) = 2730
+    (truncated, not rounded to 2731), image BICUBIC, label NEAREST, crop at column round((2730 - 1536) / 2)."""
+    from data_tools.common import _resize_pair
+
+    native = fx.make_mapillary(tmp_path / "m", {"val": 1}, list(MAPILLARY_V12_CLASSES), size=(1080, 1920))
+    key, raw = next(iter(native["1.2"].items()))
+    label = fx.expected(raw, fx.MAPILLARY_V12_TO_TRAIN)
+    with Image.open(tmp_path / f"m/mapillary/validation/images/{key}.jpg") as im:
+        image = im.convert("RGB")
+    width = int(1920 / 1080 * 1536)
+    assert width == 2730
+    x1 = int(round((width - 1536) / 2.0))
+    ref_image = image.resize((width, 1536), Image.BICUBIC).crop((x1, 0, x1 + 1536, 1536))
+    ref_label = Image.fromarray(label).resize((width, 1536), Image.NEAREST).crop((x1, 0, x1 + 1536, 1536))
+    rgb, lab = _resize_pair(np.asarray(image), label, 1536, True)
+    np.testing.assert_array_equal(rgb, np.asarray(ref_image))  # bit for bit
+    np.testing.assert_array_equal(lab, np.asarray(ref_label))
+
+    run("mapillary", tmp_path / "m", tmp_path / "data", splits=["val"], resize=1536, square=True)
+    ds = tmp_path / "data/mapillary"
+    assert_labels(ds, "val", {key: np.asarray(ref_label)})
+    assert Image.open(ds / f"val/images/{key}.jpg").size == (1536, 1536)
+    assert read_meta(tmp_path / "data", "mapillary")["image_size"] == [1536, 1536]
+
+    # a portrait image: height -> 12, width int(20 / 30 * 12) = 8, padded to the square, centred, label 255
+    tall = np.arange(30 * 20, dtype=np.uint8).reshape(30, 20) % 19
+    rgb, lab = _resize_pair(np.zeros((30, 20, 3), np.uint8), tall, 12, True)
+    assert rgb.shape == (12, 12, 3) and lab.shape == (12, 12)
+    assert (lab[:, :2] == 255).all() and (lab[:, 10:] == 255).all()
+    np.testing.assert_array_equal(lab[:, 2:10], np.asarray(Image.fromarray(tall).resize((8, 12), Image.NEAREST)))
+
+
 def test_two_hundred_images_convert_in_seconds_with_workers(tmp_path):
     fx.make_cityscapes(tmp_path / "cs", {"train": 100, "val": 100}, size=(32, 64))
     start = time.perf_counter()
@@ -437,7 +493,7 @@ def test_cli_dry_run_errors_and_module_entry_point(tmp_path, capsys):
     assert data_tools_main(["convert", "cityscapes", "--src", str(tmp_path / "cs"), "--dst", str(tmp_path / "d"),
                             "--dry-run", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "train: 1 pairs (official train folder, datasets.md documents 2975)" in out and not (tmp_path / "d").exists()
+    assert "train: 1 pairs (official train folder, expected 2975)" in out and not (tmp_path / "d").exists()
     assert data_tools_main(["convert", "gtav", "--src", str(tmp_path / "cs"), "--dst", str(tmp_path / "d")]) == 2
     assert "does not look like a GTAV" in capsys.readouterr().err
     res = subprocess.run([sys.executable, "-m", "data_tools", "list"], capture_output=True, text=True,

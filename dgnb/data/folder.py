@@ -1,6 +1,6 @@
 """One Dataset for the common on-disk layout, shared by generated and converted real data.
 
-Layout:
+Layout (docs/design.md, 'Data'):
 
     <root>/<dataset>/meta.json                      name, domain, role, classes present, image size, origin
     <root>/<dataset>/<split>/images/<id>.png|jpg    RGB image

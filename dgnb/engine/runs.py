@@ -1,12 +1,13 @@
 """The run cache and the one-call `train(cfg)` used by notebooks, the CLI and benchmarks.
 
-A run is keyed by a hash of its config and of the library's source code (a changed library must not
-serve stale runs); the evaluation-only fields (`EVAL_ONLY`: targets, eval limit, class protocol) are
-left out of the key. Its folder holds `config.json`, `checkpoint.pt`, `log.jsonl` and, once complete,
-`metrics.json` (written last, with the checkpoint's SHA-256). `train(cfg)` returns the cached run when
-it is complete (after checking its checkpoint), evaluates it when only evaluation fields changed
-(`metrics-<eval key>.json`), resumes it when a checkpoint exists, and retrains with `force=True`.
-Every dataset name and split is checked before any generation, download or training.
+A run is keyed by a hash of its config and of the library code it executes, on disk and as patched in
+memory (a changed library must not serve stale runs; see `library_fingerprint`); the evaluation-only
+fields (`EVAL_ONLY`: targets, eval limit, class protocol) are left out of the key. Its folder holds
+`config.json`, `checkpoint.pt`, `log.jsonl` and, once complete, `metrics.json` (written last, with the
+checkpoint's SHA-256). `train(cfg)` returns the cached run when it is complete (after checking its
+checkpoint), evaluates it when only evaluation fields changed (`metrics-<eval key>.json`), resumes it
+when a checkpoint exists, and retrains with `force=True`. Every dataset name and split is checked
+before any generation, download or training.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import inspect
 import json
 import re
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -41,33 +42,102 @@ from .train import CHECKPOINT, fit, read_checkpoint, resolve_amp, resolve_device
 
 # Modules that cannot change a run's result: presentation, the command line, tools around runs, and the
 # presets (config.py only produces configuration values, and those are hashed themselves).
-_NOT_KEYED = ("viz/", "analysis.py", "cli.py", "engine/bench.py", "data/inspect.py", "config.py")
+_NOT_KEYED = ("viz/", "analysis.py", "cli.py", "engine/bench.py", "data/inspect.py", "config.py", "course.py")
 
 
-@lru_cache(maxsize=None)
 def library_fingerprint(method: str = "") -> str:
-    """Hash of the version and of the source files a run of `method` depends on: the whole library except
-    presentation code and the *other* methods' modules (editing one method keeps the others' runs cached)."""
-    h = hashlib.sha256(__version__.encode())
-    pkg = Path(__file__).resolve().parents[1]
-    for path in sorted(pkg.rglob("*.py")):
-        rel = path.relative_to(pkg).as_posix()
-        if rel.startswith(_NOT_KEYED) or (rel.startswith("methods/") and rel not in _method_files(method, pkg)):
-            continue
-        h.update(rel.encode())
-        h.update(path.read_bytes())
+    """Hash of the code a run of `method` executes: the version, the library's source files except
+    presentation code and the *other* methods' modules (editing one method keeps the others' runs cached),
+    and every in-memory change to that code.
+
+    Files are read from disk (re-read when one's size or modification time changes). In-memory changes are
+    what a notebook does without touching a file: assigning a function or class into a library module
+    (`dgnb.methods.pinthemem.feature_cohesion_loss = my_loss`), a method into a library class, a changed
+    literal constant, a module edited on disk but not reloaded, or a method class registered from outside
+    the library. `dgnb.engine.patches.module_changes` finds them by comparing each imported module of the
+    key with a fresh compile of its file, and describes each by its code (stable across sessions, helpers
+    it calls included). With nothing patched the hash is that of the files alone; undoing a patch restores it.
+    """
+    files = _files_fingerprint(method)
+    changes = code_changes(method)
+    if not changes:
+        return files
+    h = hashlib.sha256(files.encode())
+    for where, text in changes:
+        h.update(f"\n{where}\n{text}".encode())
     return h.hexdigest()
 
 
+_FILES_CACHE: dict[tuple, str] = {}
+
+
+def _keyed_files(method: str) -> list[tuple[str, Path]]:
+    """(path relative to the package, path) of every source file a run of `method` depends on."""
+    pkg = Path(__file__).resolve().parents[1]
+    keep = _method_files(method, pkg)
+    out = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        if rel.startswith(_NOT_KEYED) or (rel.startswith("methods/") and rel not in keep):
+            continue
+        out.append((rel, path))
+    return out
+
+
+def _files_fingerprint(method: str) -> str:
+    files = _keyed_files(method)
+    signature = tuple((rel, p.stat().st_mtime_ns, p.stat().st_size) for rel, p in files)
+    if signature not in _FILES_CACHE:
+        h = hashlib.sha256(__version__.encode())
+        for rel, path in files:
+            h.update(rel.encode())
+            h.update(path.read_bytes())
+        _FILES_CACHE[signature] = h.hexdigest()
+    return _FILES_CACHE[signature]
+
+
+def code_changes(method: str = "") -> list[tuple[str, str]]:
+    """In-memory changes to the code a run of `method` executes (see `library_fingerprint`): the imported
+    keyed modules that differ from their files, and the registered class when it is not the library's."""
+    from ..methods import REGISTRY
+    from .patches import describe, module_changes
+
+    out = []
+    for rel, path in _keyed_files(method):
+        name = "dgnb." + rel[: -len(".py")].replace("/", ".")
+        module = sys.modules.get(name.removesuffix(".__init__"))
+        if module is not None:
+            out += module_changes(module, path)
+    cls = REGISTRY.get(method)
+    if cls is not None and _library_file(cls) is None:  # a method class defined in a notebook or a user module
+        out.append((f"REGISTRY[{method!r}]", describe(cls)))
+        user_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+        if user_file and Path(user_file).is_file():
+            out.append((user_file, hashlib.sha256(Path(user_file).read_bytes()).hexdigest()))
+    return out
+
+
+def _library_file(cls: type) -> Path | None:
+    """The library file defining `cls`, or None when it is defined elsewhere (a notebook, a user module)."""
+    pkg = Path(__file__).resolve().parents[1]
+    try:
+        path = Path(inspect.getfile(cls)).resolve()
+    except (TypeError, OSError):
+        return None
+    return path if path.is_relative_to(pkg) else None
+
+
 def _method_files(method: str, pkg: Path) -> set[str]:
-    """`methods/` files a method's module depends on: base, losses, its module, and what that imports."""
+    """`methods/` files a method's module depends on: base, losses, its module, and what that imports
+    (for a class defined outside the library: those of the first library class it derives from)."""
     from ..methods import REGISTRY
 
     keep = {"methods/base.py", "methods/losses.py"}
     cls = REGISTRY.get(method)
     if cls is None:
         return keep
-    todo = [Path(inspect.getfile(cls)).resolve()]
+    first = next((p for p in map(_library_file, cls.__mro__) if p is not None), None)
+    todo = [first] if first is not None else []
     while todo:
         path = todo.pop()
         rel = path.relative_to(pkg).as_posix()

@@ -17,7 +17,7 @@ step on θ; final write M* = update(M0, X_tr; θ_new) under no-grad (Eq. 12), th
 iteration. At test time the memory is only read (deterministic softmax by default).
 
 What this implementation does where the paper and the official code (Genie-Kim/PintheMemory) differ
-(see methods.md §2 for the full list):
+(docs/pin_the_memory.md, 'Paper versus official code', has the full table):
 - First order by default (`first_order=True`, what the code does: θ' uses the detached inner
   gradient, ∂θ'/∂θ = I). `first_order=False` is the paper's second-order meta-gradient: the
   meta-test loss is also differentiated through ∇L_tr(θ) inside the inner step.

@@ -3,7 +3,7 @@
 Everything here is *content*: positions and sizes in metres, classes, and each instance's content
 colour (a car's paint, a facade's material) drawn around one shared semantic base palette. The
 domain style later transforms these colours globally and per class, so that a class looks related
-in every domain (see datasets.md section 7 on why independent palettes make a useless benchmark).
+in every domain (docs/city.md, 'Why one base palette': independent palettes make a useless benchmark).
 """
 
 from __future__ import annotations

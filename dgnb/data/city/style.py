@@ -2,7 +2,7 @@
 
 A *knob* is one named axis of shift with severities 0..5 (signed knobs also take -5..0, the
 opposite direction); fractional severities interpolate. A *domain* is a named set of knob
-severities with a one-line description. Rendering applies, in this order (datasets.md 7.2):
+severities with a one-line description. Rendering applies, in this order (docs/city.md, 'Rendering'):
 
     content colour (shared base palette, per instance) -> parts (windows, wheels, lamps...)
     -> per-class palette perturbation -> texture family -> surface shading -> sky

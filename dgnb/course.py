@@ -1,0 +1,194 @@
+"""The runs the course notebooks train, in one place, and `dgnb course prepare` (`make course`).
+
+Before a lab, `prepare_course("quick")` trains every run the notebooks need, so that each notebook's
+`train(cfg)` cell returns from the run cache instantly. It shows one progress bar over the runs with an
+up-front time estimate, and it is resumable: finished runs are cached, an interrupted run resumes from
+its checkpoint.
+
+The notebooks build their configurations with the functions below (`erm_run`, `method_runs`,
+`ablation_runs`), so the list `course_runs` returns is exactly what they train:
+
+- notebook 01 (domain shift): ERM;
+- notebook 03 (Pin the Memory), section 7: ERM, MLDG and Pin the Memory;
+- notebook 03, section 12: the Pin the Memory ablations (Tables 5-7) on a short budget,
+  `ABLATION_ITERATIONS` iterations evaluated on `ABLATION_EVAL_LIMIT` images per domain (the whole
+  preset on `smoke`), all variants but the second-order one.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, preset
+
+#: Notebook 03's comparison (section 7): table label -> method.
+NOTEBOOK_METHODS = {"ERM": "erm", "MLDG": "mldg", "Pin the Memory": "pinthemem"}
+#: Budget of each short ablation row of notebook 03 (section 12) on presets other than smoke.
+ABLATION_ITERATIONS = 150
+ABLATION_EVAL_LIMIT = 50
+#: Ablation variants notebook 03 trains (the second-order one costs about twice as much and is left to
+#: benchmarks/ablation_pinthemem.py).
+SKIPPED_ABLATIONS = ("second order (paper)",)
+
+#: Wall seconds of one whole quick-preset run (1,200 iterations, periodic validation, final evaluation on
+#: 7 domains) on the reference machine (2 CPU cores), by method; used for the estimate only and filled in
+#: by measurement (README, "Preparing a lab"). A method missing here counts as the slowest one listed.
+QUICK_RUN_SECONDS: dict[str, float] = {"erm": 100.0, "mldg": 110.0, "pinthemem": 170.0}
+QUICK_ITERATIONS = 1200
+#: Of a quick run's seconds, the part that does not scale with iterations (final evaluation, 150 images per
+#: domain; it scales with the images evaluated instead).
+QUICK_EVAL_SECONDS = 12.0
+QUICK_EVAL_IMAGES = 150
+#: Generating the quick preset's city (3 sources x 750 images, 4 targets x 150, 128 x 256) when it is missing.
+CITY_SECONDS, CITY_IMAGES, CITY_PIXELS = 60.0, 3 * 750 + 4 * 150, 128 * 256
+
+
+def erm_run(preset_name: str = "quick", seed: int = 0) -> RunConfig:
+    """Notebook 01's ERM run (also notebook 03's ERM)."""
+    return preset(preset_name, "erm", seed)
+
+
+def method_runs(preset_name: str = "quick", seed: int = 0) -> dict[str, RunConfig]:
+    """Notebook 03, section 7: label -> configuration of ERM, MLDG and Pin the Memory."""
+    return {label: preset(preset_name, method, seed) for label, method in NOTEBOOK_METHODS.items()}
+
+
+def ablation_overrides(preset_name: str) -> dict[str, Any]:
+    """The short budget of the ablation rows: none on smoke (already seconds), else 150 iterations, 50 images."""
+    if preset_name == "smoke":
+        return {}
+    return {"train.iterations": ABLATION_ITERATIONS, "data.eval_limit": ABLATION_EVAL_LIMIT}
+
+
+def ablation_runs(preset_name: str = "quick", seed: int = 0) -> dict[str, RunConfig]:
+    """Notebook 03, section 12: variant -> configuration of each short ablation row it trains."""
+    from .engine.bench import PINTHEMEM_ABLATIONS, ablation_config
+
+    short = ablation_overrides(preset_name)
+    return {v: ablation_config(preset_name, v, seed, **short) for v in PINTHEMEM_ABLATIONS
+            if v not in SKIPPED_ABLATIONS}
+
+
+@dataclass
+class CourseRun:
+    notebook: str      # the notebook(s) that train it
+    label: str         # its name there
+    config: RunConfig
+
+
+def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
+    """Every run the notebooks train, in notebook order, each once (runs two notebooks share are listed once)."""
+    from .engine.runs import run_dir
+
+    candidates = [CourseRun("01_domain_shift", "ERM", erm_run(preset_name, seed))]
+    candidates += [CourseRun("03_pin_the_memory", label, cfg) for label, cfg in method_runs(preset_name, seed).items()]
+    candidates += [CourseRun("03_pin_the_memory", f"ablation: {v}", cfg)
+                   for v, cfg in ablation_runs(preset_name, seed).items()]
+    plan: dict[Path, CourseRun] = {}
+    for item in candidates:
+        first = plan.setdefault(run_dir(item.config), item)
+        if first is not item and item.notebook not in first.notebook:
+            first.notebook += f", {item.notebook}"
+    return list(plan.values())
+
+
+def course_runs(preset_name: str = "quick", seed: int = 0) -> list[RunConfig]:
+    """The configurations of every run the notebooks train (see `course_plan`)."""
+    return [item.config for item in course_plan(preset_name, seed)]
+
+
+def is_cached(cfg: RunConfig) -> bool:
+    from .engine.runs import Run, run_dir
+
+    return Run(run_dir(cfg), cfg).complete
+
+
+def run_seconds(cfg: RunConfig) -> float:
+    """Seconds training and evaluating `cfg` takes on the reference machine: the method's quick-run time,
+    scaled by iterations (training) and by the images evaluated per domain (final evaluation)."""
+    whole = QUICK_RUN_SECONDS.get(cfg.method, max(QUICK_RUN_SECONDS.values()))
+    per_domain = (cfg.data.city or {}).get("val", QUICK_EVAL_IMAGES)
+    images = min(per_domain, cfg.data.eval_limit or per_domain)
+    return ((whole - QUICK_EVAL_SECONDS) * cfg.train.iterations / QUICK_ITERATIONS
+            + QUICK_EVAL_SECONDS * images / QUICK_EVAL_IMAGES)
+
+
+def estimate_seconds(cfg: RunConfig) -> float:
+    """`run_seconds(cfg)`, or 0 when the run cache already holds the run."""
+    return 0.0 if is_cached(cfg) else run_seconds(cfg)
+
+
+def city_seconds(cfg: RunConfig) -> float:
+    """Seconds generating the procedural-city domains of `cfg` that are missing takes on the reference machine
+    (`CITY_SECONDS` for the quick preset's city, scaled by images and pixels)."""
+    if cfg.data.city is None:
+        return 0.0
+    from .data.city import DOMAINS
+
+    c = cfg.data.city
+    sources = [d for d in cfg.data.sources if d in DOMAINS]
+    targets = [d for d in cfg.data.targets if d in DOMAINS and d not in sources]
+    missing = lambda d: not (Path(cfg.data.root) / d / "meta.json").is_file()  # noqa: E731
+    images = sum(c["train"] + c["val"] for d in sources if missing(d)) + sum(c["val"] for d in targets if missing(d))
+    pixels = c["size"][0] * c["size"][1]
+    return CITY_SECONDS * images * pixels / (CITY_IMAGES * CITY_PIXELS)
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def plan_table(plan: list[CourseRun]) -> str:
+    """Markdown table of the plan: notebook, run, method, iterations, cached, estimate."""
+    lines = ["| notebook | run | method | iterations | cached | estimate |", "|---|---|---|---|---|---|"]
+    for item in plan:
+        cfg, sec = item.config, estimate_seconds(item.config)
+        lines.append(f"| {item.notebook} | {item.label} | {cfg.method} | {cfg.train.iterations} | "
+                     f"{'yes' if sec == 0 else 'no'} | {_fmt(sec)} |")
+    return "\n".join(lines)
+
+
+def prepare_course(preset_name: str = "quick", seed: int = 0, force: bool = False, progress: bool = True,
+                   log: Any = print) -> list:
+    """Train (or find in the run cache) every run the notebooks need; returns their `Run`s.
+
+    Prints the number of runs, how many are cached and the estimated time on the reference machine
+    (cached runs count 0), then shows one progress bar over the runs. Interrupt it at any time: finished
+    runs stay cached and the run in progress resumes from its last checkpoint on the next call.
+    """
+    from tqdm.auto import tqdm
+
+    from .engine.runs import prepare_data, train
+
+    plan = course_plan(preset_name, seed)
+    estimates = [run_seconds(p.config) if force else estimate_seconds(p.config) for p in plan]
+    cached = sum(e == 0 for e in estimates)
+    generation = city_seconds(plan[0].config)
+    total = sum(estimates) + generation
+    log(f"dgnb course ({preset_name} preset, seed {seed}): {len(plan)} runs, {cached} already in the run cache; "
+        f"estimated {_fmt(total)} on the reference machine (2 CPU cores"
+        + (f", generating the city included: {_fmt(generation)}" if generation else "") + ")")
+    prepare_data(plan[0].config, progress)
+    runs = []
+    remaining = sum(estimates)
+    bar = tqdm(total=len(plan), desc="course runs", unit="run", disable=not progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} runs [{elapsed}{postfix}]", file=sys.stdout)
+    start = time.perf_counter()
+    try:
+        for item, sec in zip(plan, estimates):
+            bar.set_postfix_str(f"now: {item.label} ({item.config.method}), about {_fmt(remaining)} left")
+            runs.append(train(item.config, force=force, progress=False))
+            remaining -= sec
+            bar.update(1)
+        bar.set_postfix_str("done")
+    finally:
+        bar.close()
+    log(f"all {len(plan)} runs ready in {_fmt(time.perf_counter() - start)}; the notebooks will load them from "
+        "the run cache")
+    return runs
+

@@ -1,0 +1,49 @@
+"""`dgnb course prepare`: the runs the notebooks train, listed once, trained ahead of a lab, then cached."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dgnb.cli import main as dgnb_main
+from dgnb.config import preset
+from dgnb.course import (QUICK_RUN_SECONDS, ablation_runs, course_plan, course_runs, estimate_seconds, method_runs,
+                         prepare_course)
+from dgnb.engine.bench import PINTHEMEM_ABLATIONS, ablation_config
+from dgnb.engine.runs import run_dir
+
+
+def test_the_plan_is_what_the_notebooks_train(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGNB_HOME", str(tmp_path))
+    plan = course_plan("quick")
+    folders = [run_dir(p.config) for p in plan]
+    assert len(folders) == len(set(folders)) == 3 + 10  # 3 full runs, 10 short ablation rows
+    # notebook 01 and 03 (section 7): the preset's runs; notebook 03 section 12: ablation_config + short budget
+    assert run_dir(preset("quick", "erm", 0)) == folders[0] and "01_domain_shift, 03_pin_the_memory" == plan[0].notebook
+    assert [run_dir(c) for c in method_runs("quick").values()] == folders[:3]
+    short = {"train.iterations": 150, "data.eval_limit": 50}
+    want = {run_dir(ablation_config("quick", v, 0, **short)) for v in PINTHEMEM_ABLATIONS if "second order" not in v}
+    assert set(folders[3:]) == want and len(ablation_runs("quick")) == 10
+    # on smoke the ablation rows use the whole preset: full / ERM / MLDG are the section 7 runs
+    assert len(course_runs("smoke")) == 3 + 7
+    # the estimate: the reference machine's quick-run seconds, scaled by iterations and images evaluated
+    assert estimate_seconds(preset("quick", "pinthemem")) == pytest.approx(QUICK_RUN_SECONDS["pinthemem"])
+    assert estimate_seconds(ablation_config("quick", "ERM", 0, **short)) < QUICK_RUN_SECONDS["erm"] / 4
+
+
+def test_prepare_trains_every_run_once_and_a_second_call_is_instant(smoke_home, monkeypatch, capsys):
+    monkeypatch.setenv("DGNB_HOME", str(smoke_home))  # shared with the notebook tests: they find these runs cached
+    runs = prepare_course("smoke", progress=False)
+    assert len(runs) == len(course_runs("smoke")) and all(r.complete for r in runs)
+    assert all(estimate_seconds(c) == 0 for c in course_runs("smoke"))
+    capsys.readouterr()
+    start = time.perf_counter()
+    again = prepare_course("smoke", progress=False)
+    assert time.perf_counter() - start < 5 and [r.dir for r in again] == [r.dir for r in runs]
+    out = capsys.readouterr().out
+    assert f"{len(runs)} runs, {len(runs)} already in the run cache; estimated 0 s" in out
+    dgnb_main(["course", "list", "--preset", "smoke"])
+    assert "| 03_pin_the_memory | ablation: w/o L_coh | pinthemem | 6 | yes | 0 s |" in capsys.readouterr().out
+    dgnb_main(["course", "prepare", "--preset", "smoke", "--no-progress"])
+    assert "already in the run cache" in capsys.readouterr().out
