@@ -199,9 +199,19 @@ pd.DataFrame({"pixels in the batch": pixels.numpy(), "cos(old slot, new slot)": 
 # $\mathcal L_{update} = \lambda_2 \mathcal L_{div}$ (memory), with λ1 = 0.02 and λ2 = 0.2: in the
 # code, 0.2 on the classification term and 0.4 on the cosine term (the factor 2 of Eq. 7). Cohesion
 # raises intra-class compactness of the encoder features; divergence raises inter-class dispersion
-# of the memory. One property of the code's form is worth knowing: with τ = 1 and cosines in
-# [−1, 1], L_coh cannot go below $\log(1 + 18e^{-2}) \approx 1.23$ nats, so it is a weak, never-saturating
-# pull rather than a term the network drives to zero.
+# of the memory. One property of the code's form is worth knowing: L_coh has a floor well above
+# zero. F leaves the ASPP through a ReLU and the slots are written from U(F), which ends in a ReLU,
+# so both are non-negative and every cosine S[n](p) lies in **[0, 1]** (not [−1, 1]; the random
+# initial rows of classes absent from the first batch are the exception until their first writes).
+# For a pixel of class y the loss is $-S_y/\tau + \log\sum_n e^{S_n/\tau}$, which falls as $S_y$
+# grows and rises with every other $S_n$, so its smallest value is at $S_y = 1$, $S_{n\neq y} = 0$:
+#
+# $$\mathcal L_{coh} \;\ge\; \log\big(1 + (N-1)\,e^{-1/\tau}\big) = \log(1 + 18/e) \approx 2.03 \text{ nats}
+#   \quad (N = 19,\ \tau = 1),$$
+#
+# reached only by orthogonal slots with every pixel's feature on its own slot. A uniform read gives
+# $\log 19 \approx 2.94$, so the whole range the loss can travel is about 0.9 nats: a weak,
+# never-saturating pull rather than a term the network drives to zero.
 
 # %%
 from dgnb.methods.pinthemem import feature_cohesion_loss, memory_divergence_loss
@@ -209,8 +219,8 @@ from dgnb.methods.pinthemem import feature_cohesion_loss, memory_divergence_loss
 with torch.no_grad():
     coh = feature_cohesion_loss(S, y)
     cls, cos = memory_divergence_loss(written, fresh.memory_classifier)
-print(f"L_coh = {coh:.3f}  (floor log(1 + 18 e^-2) = {math.log(1 + 18 * math.exp(-2)):.3f}, "
-      f"uniform log 19 = {math.log(19):.3f})")
+floor = math.log(1 + 18 * math.exp(-1))  # cosines in [0, 1], τ = 1
+print(f"L_coh = {coh:.3f}  (floor log(1 + 18/e) = {floor:.3f}, uniform log 19 = {math.log(19):.3f})")
 print(f"L_div: classification {cls:.3f} (an untrained G: log 19 = {math.log(19):.3f}), "
       f"mean positive cosine between slots {cos:.3f}")
 
@@ -332,6 +342,46 @@ pd.DataFrame([{"method": label, "source val": r.metrics["source_val_miou"], **r.
 # %%
 per_domain = {label: {**r.metrics["source_domain_miou"], **r.metrics["target_miou"]} for label, r in runs.items()}
 domain_bars(per_domain, roles, title=f"mIoU per domain ({PRESET} preset, seed {SEED})")
+
+# %% [markdown]
+# ### One seed is not a result: intervals over seeds
+# The bars above are one seed. Another seed changes the initialisation, the order of the batches and
+# the episodes, and moves each number by about a point or two, as much as the differences between
+# methods. So the course reports every comparison as a **paired difference over seeds**: train both
+# methods with the same seeds 0..n−1, take the per-seed differences d_i, and give their mean with a
+# 95% Student-t interval, $\bar d \pm t_{0.975,\,n-1}\, s_d/\sqrt n$ (`dgnb.analysis.paired_difference`,
+# also printed by `dgnb bench`). Pairing cancels what two runs of one seed share. A difference counts
+# as **resolved** only when its interval excludes zero; otherwise the seeds cannot tell the two
+# methods apart, whatever the means say.
+#
+# The figure reads the five-seed benchmark the repository ships
+# (`dgnb bench --methods erm,mldg,pinthemem --seeds 0 1 2 3 4`, quick preset,
+# `benchmarks/results/bench_quick_pinthemem.json`): every dot is a seed, bars are 95% intervals; on the
+# right, each method's paired difference to ERM.
+
+# %%
+import json
+from pathlib import Path
+
+import dgnb
+from dgnb.analysis import compare_runs, format_difference
+from dgnb.viz import seed_intervals_figure
+
+shipped = Path(dgnb.__file__).parents[1] / "benchmarks" / "results" / "bench_quick_pinthemem.json"
+bench_runs = json.loads(shipped.read_text())["runs"]
+LABELS = {"erm": "ERM", "mldg": "MLDG", "pinthemem": "Pin the Memory"}
+for ref, other in (("erm", "mldg"), ("erm", "pinthemem"), ("mldg", "pinthemem")):
+    d = compare_runs([r for r in bench_runs if r["method"] in (ref, other)], ref)[other]["mean_target"]
+    print(f"{LABELS[other]:15s} − {LABELS[ref]:5s} mean target: {format_difference(d)} over {d['n']} seeds "
+          f"({'resolved' if d['excludes_zero'] else 'not resolved'})")
+seed_intervals_figure(bench_runs, "erm", LABELS)
+
+# %% [markdown]
+# Read the right panel before the left one. An interval above zero says the method beats ERM on the
+# mean target by at least its lower end, for this benchmark and budget; an interval that crosses zero
+# says the seeds cannot rank the two, however far apart the means look. The printed lines answer the
+# notebook's question directly: the last one, Pin the Memory − MLDG, is what the memory adds on top
+# of the meta-learning it is trained with.
 
 # %% [markdown]
 # Where does the memory change things? Per class and per target, the IoU of Pin the Memory minus

@@ -119,7 +119,9 @@ def feature_cohesion_loss(scores: torch.Tensor, labels: torch.Tensor, temperatur
     """Eq. 6: L_coh = −(1/|P|) Σ_p Σ_n Y[n](p) log W[n](p), W = softmax(S / τ).
 
     As in the code, the scores are upsampled bilinearly to label size and the cross-entropy skips
-    ignore pixels. With τ = 1 and cosine scores in [−1, 1] its minimum is log(1 + (N−1)e^{−2}) > 0.
+    ignore pixels. F is a ReLU output and the written slots are non-negative (U ends in a ReLU), so
+    every cosine lies in [0, 1]: the loss is at least log(1 + (N−1)e^{−1/τ}) (own score 1, others 0),
+    ≈ 2.03 nats for N = 19, τ = 1, against log N ≈ 2.94 for a uniform read.
     """
     logits = F.interpolate(scores.float() / temperature, size=labels.shape[-2:], mode="bilinear",
                            align_corners=False)
