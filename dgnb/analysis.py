@@ -68,3 +68,99 @@ def severity_sweep(method, domain: str, knob: str, severities: Sequence[int] = r
         labels = torch.from_numpy(np.stack([r.label for r in renders]).astype(np.int64))
         out[int(s)] = round(miou_of(predict_labels(method, images), labels), 2)
     return out
+
+
+# ----- paired comparisons over seeds ------------------------------------------------------------------
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 3e-16
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function."""
+    import math
+
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def _t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t distribution with `df` degrees of freedom (no SciPy: the CDF
+    through the incomplete beta function, inverted by bisection to ~1e-12)."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"need 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p == 0.5:
+        return 0.0
+
+    def cdf(t: float) -> float:
+        tail = 0.5 * _incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+        return 1.0 - tail if t > 0 else tail
+
+    lo, hi = -1.0, 1.0
+    while cdf(lo) > p:
+        lo *= 2.0
+    while cdf(hi) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if cdf(mid) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, abs(mid)):
+            break
+    return 0.5 * (lo + hi)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean of the paired differences a[i] − b[i] (e.g. two methods on the same seeds) with a Student-t
+    confidence interval: {"mean", "half_width", "low", "high", "n", "excludes_zero"}.
+
+    half_width = t_{(1+confidence)/2, n−1} · s / √n, s the sample standard deviation of the
+    differences. With a single pair there is no interval: half_width, low and high are NaN and
+    excludes_zero is False.
+    """
+    import math
+
+    if len(a) != len(b):
+        raise ValueError(f"paired samples need the same length, got {len(a)} and {len(b)}")
+    if len(a) == 0:
+        raise ValueError("paired_difference needs at least one pair")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n, mean = len(d), float(d.mean())
+    if n < 2:
+        return {"mean": mean, "half_width": math.nan, "low": math.nan, "high": math.nan, "n": n,
+                "excludes_zero": False}
+    half = _t_quantile(0.5 + confidence / 2.0, n - 1) * float(d.std(ddof=1)) / math.sqrt(n)
+    low, high = mean - half, mean + half
+    return {"mean": mean, "half_width": half, "low": low, "high": high, "n": n,
+            "excludes_zero": bool(low > 0 or high < 0)}
+

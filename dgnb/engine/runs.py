@@ -32,9 +32,11 @@ from .distributed import barrier, broadcast_module, init_from_env, is_main
 from .evaluate import SegMetrics, evaluate
 from .train import CHECKPOINT, fit, resolve_amp, resolve_device, seed_everything, write_log
 
+SNAPSHOTS = "snapshots.pt"
+
 
 # Modules that cannot change a run's result: presentation, the command line, tools around runs.
-_NOT_KEYED = ("viz/", "analysis.py", "cli.py", "engine/bench.py", "data/inspect.py")
+_NOT_KEYED = ("viz/", "analysis.py", "cli.py", "engine/bench.py", "data/inspect.py", "student.py")
 
 
 @lru_cache(maxsize=None)
@@ -103,6 +105,13 @@ class Run:
     def history(self) -> list[dict]:
         p = self.dir / "log.jsonl"
         return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+
+    @property
+    def snapshots(self) -> dict[str, Any] | None:
+        """What the method kept at each evaluation point (`Method.on_evaluate`), or None:
+        {"probe": {image, label, domain}, "snapshots": [{"iteration": t, ...tensors}, ...]}."""
+        p = self.dir / SNAPSHOTS
+        return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
 
     def load_method(self, device: str = "auto") -> Method:
         """The trained method, in eval mode, from the run's checkpoint."""
@@ -204,7 +213,11 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
         return train_loader(sources, transform, d.batch_per_domain, cfg.seed, start, cfg.train.iterations,
                             d.num_workers, rank, world)
 
+    snapshot = snapshot_writer(method, cfg, folder)
+
     def validate(m: Method) -> dict[str, float]:
+        if snapshot is not None:
+            snapshot(m)
         res = evaluate_domains(m, cfg, d.sources, limit=d.val_limit)
         return {"val_miou": round(SegMetrics(sum(r.confusion for r in res.values())).miou, 2)}
 
@@ -222,3 +235,56 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
     atomic_write_json(folder / "metrics.json", summary)
     barrier()
     return run
+
+
+# ----- snapshots over training ----------------------------------------------------------------------
+def probe_batch(cfg: RunConfig, per_domain: int = 1) -> dict[str, Any]:
+    """The first `per_domain` val images of every source and target domain (images resized to the
+    first one's size): the fixed images whose read-outs a method's `on_evaluate` keeps over training.
+    Only looked at, under no-grad and in eval mode: nothing here trains on the targets."""
+    from torch.nn import functional as F
+
+    images, labels, names = [], [], []
+    for name in dict.fromkeys(cfg.data.sources + cfg.data.targets):
+        ds = domain_set(cfg, name, "val", eval_transform(cfg.data.eval_size), limit=per_domain)
+        for i in range(len(ds)):
+            item = ds[i]
+            image, label = item["image"].float(), item["label"].long()
+            if images and image.shape[-2:] != images[0].shape[-2:]:
+                size = images[0].shape[-2:]
+                image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+                label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+            images.append(image)
+            labels.append(label)
+            names.append(name)
+    return {"image": torch.stack(images), "label": torch.stack(labels), "domain": names}
+
+
+def snapshot_writer(method: Method, cfg: RunConfig, folder: Path):
+    """A callable that stores `method.on_evaluate(probe)` in `folder/snapshots.pt` (atomically) at each
+    evaluation point, or None for methods that keep nothing. A resumed run drops the snapshots taken
+    after its checkpoint and takes them again."""
+    if type(method).on_evaluate is Method.on_evaluate:
+        return None
+    from ..io import atomic_torch_save
+
+    state: dict[str, Any] = {}
+
+    def take(m: Method) -> None:
+        if not state:
+            state["probe"] = probe_batch(cfg)
+            old = torch.load(folder / SNAPSHOTS, weights_only=False) if (folder / SNAPSHOTS).is_file() else None
+            state["snapshots"] = old["snapshots"] if old else []
+        probe = state["probe"]
+        with torch.no_grad():
+            snap = m.on_evaluate({"image": probe["image"].to(m.device), "label": probe["label"].to(m.device)})
+        if snap is None:
+            return
+        kept = [s for s in state["snapshots"] if s["iteration"] < m.iteration]
+        state["snapshots"] = kept + [{"iteration": m.iteration,
+                                      **{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in snap.items()}}]
+        probe_cpu = {"image": (probe["image"] * 255).round().to(torch.uint8), "label": probe["label"].to(torch.uint8),
+                     "domain": probe["domain"]}
+        atomic_torch_save(folder / SNAPSHOTS, {"probe": probe_cpu, "snapshots": state["snapshots"]})
+
+    return take
