@@ -54,6 +54,8 @@ def _panels(pictures: Sequence[np.ndarray], titles: Sequence[str], legend: Seque
 
 def _explorer(controls: dict[str, widgets.Widget], rows: Sequence[Sequence[str]], draw) -> widgets.Widget:
     image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
+    for w in controls.values():
+        w.style.description_width = "initial"  # whole labels ("memory slot"), not truncated
 
     def redraw(*_: Any) -> None:
         image.value = figure_png(draw())
@@ -164,13 +166,14 @@ def memory_training_explorer(snapshots: dict[str, Any], slots: Sequence[int] | N
             pictures.append((0.35 * img + 0.65 * cmap(act[s])[..., :3] * 255).round().astype(np.uint8))
         titles = ["image", "ground truth", *[f"slot '{CLASSES[s]}'" for s in chosen]]
         fig = _panels(pictures, titles, _present(label), width=2.8)
-        fig.suptitle(f"iteration {snap['iteration']}: read weights of {probe['domain'][i]} probe image", fontsize=10)
+        title = f"iteration {snap['iteration']}: read weights of the {probe['domain'][i]} probe image"
         if len(chosen) > 1:
             m = torch.nn.functional.normalize(snap["memory"][chosen].float(), dim=1)
             sims = (m @ m.T).numpy()
             off = sims[~np.eye(len(chosen), dtype=bool)]
-            fig.text(0.5, 0.93, f"cosine between the chosen slots: mean {off.mean():.2f}, max {off.max():.2f}",
-                     ha="center", fontsize=8)
+            title += f"\ncosine between the chosen slots: mean {off.mean():.2f}, max {off.max():.2f}"
+        fig.subplots_adjust(top=1 - 0.55 / fig.get_figheight())
+        fig.suptitle(title, fontsize=9, y=0.995)
         return fig
 
     return _explorer(controls, [["iteration"], ["image", "slots"]], draw)
