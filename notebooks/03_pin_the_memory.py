@@ -345,6 +345,10 @@ step_table_figure(STEPS, GROUPS, KINDS,
                   "One Pin the Memory iteration (Alg. 1): what each step does to each parameter group")
 
 # %% [markdown]
+# Follow the "update net U" column: it receives gradient in steps 1, 3 and 4 and is stepped in 5,
+# while the memory itself is never stepped, only written (steps 1, 3, 6).
+
+# %% [markdown]
 # ### First order (official code) or second order (paper)?
 # Notebook 02 (§2–3) derives the MLDG update and the difference between its first- and second-order
 # forms, −αβ∇²L_tr∇L_te(θ'). The paper describes the **second-order** gradient (its Table 7 calls it
@@ -440,6 +444,10 @@ delta = {t: {c: pc["Pin the Memory"][t][c] - pc["ERM"][t][c] for c in pc["ERM"][
 per_class_heatmap(delta, "IoU(Pin the Memory) − IoU(ERM), per target and class (points)", difference=True)
 
 # %% [markdown]
+# Look for whole columns of one colour (a class the memory helps or hurts everywhere) against
+# scattered cells (single-run noise, a few points either way).
+
+# %% [markdown]
 # ## 8. What the memory learned
 # The trained memory next to the initial one of §2. The divergence loss pushes the slots toward
 # orthogonality: off-diagonal cells should fade from red toward white (slots are non-negative, so
@@ -513,6 +521,10 @@ tsne_features_figure({"ERM": tsne_input(erm), "Pin the Memory": tsne_input(pm, p
                      seed=SEED, max_points=n_points)
 
 # %% [markdown]
+# Compare the two rows: where the by-domain panel shows one colour clumped away from the others, that
+# domain's features are domain-specific; the memory should make such islands rarer in its row.
+
+# %% [markdown]
 # ## 10. Memory activation maps on unseen domains (Fig. 6)
 # The read weights W of Eq. 4, for a few class slots, on an image of a target domain the network
 # never saw: each slot's weight is upsampled to the image, normalised per pixel across slots (minus
@@ -530,6 +542,10 @@ i = int(max(range(len(labels[domain])), key=lambda k: int((labels[domain][k] == 
 weights = pm.read_weights(images[domain][i : i + 1].to(pm.device))[0].float().cpu()
 memory_activation_figure(images[domain][i], weights, [CLASS_ID[c] for c in ("car", "vegetation", "road", "building")],
                          label=labels[domain][i], ncols=3)
+
+# %% [markdown]
+# Compare each slot's panel with the ground truth (colours in the legend): yellow should cover the
+# slot's own class and little else; a panel yellow everywhere is a slot that does not discriminate.
 
 # %% [markdown]
 # How good a classifier is the read alone? Take argmax_n W[n](p) as the label of each pixel (no
@@ -557,6 +573,10 @@ read_vs_net = {
 domain_bars(read_vs_net, roles, title=f"Pin the Memory on {n_images} val images per domain")
 
 # %% [markdown]
+# The closer the two bars of a domain, the more of the network's class information the memory read
+# alone already carries there.
+
+# %% [markdown]
 # ## 11. Explorer
 # Choose a domain, an image and a memory slot: image, ground truth, Pin the Memory's prediction and
 # the slot's read weight over the image.
@@ -565,6 +585,10 @@ domain_bars(read_vs_net, roles, title=f"Pin the Memory on {n_images} val images 
 from dgnb.viz.explorers import memory_explorer
 
 memory_explorer(pm, images, labels)
+
+# %% [markdown]
+# Pick a slot and move through the domains: a slot worth having lights up on its own class (legend:
+# ground-truth colours) in the unseen domains as well as in the sources.
 
 # %% [markdown]
 # ## 12. Ablations (Tables 5–7), on a short budget
