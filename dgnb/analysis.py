@@ -140,10 +140,10 @@ def _t_quantile(p: float, df: float) -> float:
 
 def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
     """Mean of the paired differences a[i] − b[i] (e.g. two methods on the same seeds) with a Student-t
-    confidence interval: {"mean", "half_width", "low", "high", "n", "excludes_zero"}.
+    confidence interval: {"mean", "half_width", "low", "high", "sd", "n", "confidence", "excludes_zero"}.
 
     half_width = t_{(1+confidence)/2, n−1} · s / √n, s the sample standard deviation of the
-    differences. With a single pair there is no interval: half_width, low and high are NaN and
+    differences. With a single pair the interval is infinite (half_width inf, low −inf, high +inf) and
     excludes_zero is False.
     """
     import math
@@ -157,10 +157,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     n, mean = len(d), float(d.mean())
     if n < 2:
-        return {"mean": mean, "half_width": math.nan, "low": math.nan, "high": math.nan, "n": n,
-                "excludes_zero": False}
-    half = _t_quantile(0.5 + confidence / 2.0, n - 1) * float(d.std(ddof=1)) / math.sqrt(n)
+        return {"mean": mean, "half_width": math.inf, "low": -math.inf, "high": math.inf, "sd": math.nan, "n": n,
+                "confidence": confidence, "excludes_zero": False}
+    sd = float(d.std(ddof=1))
+    half = _t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
     low, high = mean - half, mean + half
-    return {"mean": mean, "half_width": half, "low": low, "high": high, "n": n,
+    return {"mean": mean, "half_width": half, "low": low, "high": high, "sd": sd, "n": n, "confidence": confidence,
             "excludes_zero": bool(low > 0 or high < 0)}
 

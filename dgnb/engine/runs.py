@@ -32,8 +32,6 @@ from .distributed import barrier, broadcast_module, init_from_env, is_main
 from .evaluate import SegMetrics, evaluate
 from .train import CHECKPOINT, fit, resolve_amp, resolve_device, seed_everything, write_log
 
-SNAPSHOTS = "snapshots.pt"
-
 
 # Modules that cannot change a run's result: presentation, the command line, tools around runs.
 _NOT_KEYED = ("viz/", "analysis.py", "cli.py", "engine/bench.py", "data/inspect.py", "student.py")
@@ -102,16 +100,16 @@ class Run:
         return (self.dir / "metrics.json").is_file()
 
     @property
-    def history(self) -> list[dict]:
-        p = self.dir / "log.jsonl"
-        return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
-
-    @property
     def snapshots(self) -> dict[str, Any] | None:
         """What the method kept at each evaluation point (`Method.on_evaluate`), or None:
         {"probe": {image, label, domain}, "snapshots": [{"iteration": t, ...tensors}, ...]}."""
         p = self.dir / SNAPSHOTS
         return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
+
+    @property
+    def history(self) -> list[dict]:
+        p = self.dir / "log.jsonl"
+        return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
 
     def load_method(self, device: str = "auto") -> Method:
         """The trained method, in eval mode, from the run's checkpoint."""
@@ -213,14 +211,11 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
         return train_loader(sources, transform, d.batch_per_domain, cfg.seed, start, cfg.train.iterations,
                             d.num_workers, rank, world)
 
-    snapshot = snapshot_writer(method, cfg, folder)
-
     def validate(m: Method) -> dict[str, float]:
-        if snapshot is not None:
-            snapshot(m)
         res = evaluate_domains(m, cfg, d.sources, limit=d.val_limit)
         return {"val_miou": round(SegMetrics(sum(r.confusion for r in res.values())).miou, 2)}
 
+    validate = with_snapshots(validate, method, cfg, folder)  # what the method keeps at each evaluation
     history, seconds = fit(method, make_loader, cfg.train.iterations, folder, validate if is_main() else None,
                            cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.log_every, progress, stop_at)
     if method.iteration < cfg.train.iterations or not is_main():
@@ -260,12 +255,15 @@ def probe_batch(cfg: RunConfig, per_domain: int = 1) -> dict[str, Any]:
     return {"image": torch.stack(images), "label": torch.stack(labels), "domain": names}
 
 
-def snapshot_writer(method: Method, cfg: RunConfig, folder: Path):
-    """A callable that stores `method.on_evaluate(probe)` in `folder/snapshots.pt` (atomically) at each
-    evaluation point, or None for methods that keep nothing. A resumed run drops the snapshots taken
-    after its checkpoint and takes them again."""
+SNAPSHOTS = "snapshots.pt"
+
+
+def with_snapshots(validate, method: Method, cfg: RunConfig, folder: Path):
+    """`validate`, preceded at each evaluation point by `method.on_evaluate(probe)`, stored in
+    `folder/snapshots.pt` (atomically); `validate` itself for methods that keep nothing. A resumed run
+    drops the snapshots taken after its checkpoint and takes them again."""
     if type(method).on_evaluate is Method.on_evaluate:
-        return None
+        return validate
     from ..io import atomic_torch_save
 
     state: dict[str, Any] = {}
@@ -287,4 +285,8 @@ def snapshot_writer(method: Method, cfg: RunConfig, folder: Path):
                      "domain": probe["domain"]}
         atomic_torch_save(folder / SNAPSHOTS, {"probe": probe_cpu, "snapshots": state["snapshots"]})
 
-    return take
+    def validate_with_snapshot(m: Method) -> dict[str, float]:
+        take(m)
+        return validate(m)
+
+    return validate_with_snapshot

@@ -132,7 +132,7 @@ def target_points_figure(results: Mapping[str, Mapping[str, Sequence[float]]], b
                 continue
             iv = paired_difference(vals, np.zeros(len(vals)), confidence)  # the mean and its t-interval
             ax.scatter(np.full(len(vals), x[j] + off), vals, s=10, color=colours[m], alpha=0.35, linewidths=0)
-            err = None if np.isnan(iv["half_width"]) else iv["half_width"]
+            err = iv["half_width"] if np.isfinite(iv["half_width"]) else None  # none with one seed
             ax.errorbar(x[j] + off, iv["mean"], yerr=err, fmt="o", color=colours[m], capsize=3, ms=6,
                         label=f"{m} (n = {iv['n']})" if j == 0 else None)
     ax.set_xticks(x, targets, fontsize=8)
@@ -149,7 +149,7 @@ def target_points_figure(results: Mapping[str, Mapping[str, Sequence[float]]], b
                 if t not in results[m] or t not in results[baseline]:
                     continue
                 d = paired_difference(results[m][t], results[baseline][t], confidence)
-                err = None if np.isnan(d["half_width"]) else d["half_width"]
+                err = d["half_width"] if np.isfinite(d["half_width"]) else None
                 face = colours[m] if d["excludes_zero"] else "white"
                 ax.errorbar(x[j] + off, d["mean"], yerr=err, fmt="o", color=colours[m], mfc=face, capsize=3, ms=6,
                             label=f"{m} − {baseline}" if j == 0 else None)
