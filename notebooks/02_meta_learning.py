@@ -61,8 +61,7 @@ import pandas as pd
 import torch
 
 from dgnb.config import preset
-from dgnb.data.loaders import train_loader
-from dgnb.data.transforms import train_transform
+from dgnb.data.transforms import eval_transform
 from dgnb.engine.runs import domain_set, make_method, prepare_data, train
 from dgnb.engine.train import resolve_device, to_device
 from dgnb.methods.base import changed_hparams
@@ -84,14 +83,16 @@ seeds = SEEDS if PRESET != "smoke" else SEEDS[:2]
 # iteration, so every domain plays the unseen one in turn. (With a *single* source, the batch is cut in
 # two halves and the second half gets a strong colour augmentation: two *virtual* domains.)
 #
-# Here is the first batch the engine builds for this run, and four draws of the split.
+# Here is a batch laid out like the engine's (`batch_per_domain` training images of each source, one
+# source after the other; whole images, without the engine's random crops and flips), and four draws
+# of the split.
 
 # %%
 d = cfg.data
-sources = [domain_set(cfg, name, "train", None, i) for i, name in enumerate(d.sources)]
-loader = train_loader(sources, train_transform(d.crop, d.base_size, d.scale, d.color_jitter), d.batch_per_domain,
-                      cfg.seed, start=0, stop=1)
-batch = to_device(next(iter(loader)), device)
+sets = [domain_set(cfg, name, "train", eval_transform(), i, limit=d.batch_per_domain) for i, name in enumerate(d.sources)]
+items = [ds[k] for ds in sets for k in range(len(ds))]
+batch = to_device({"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items]),
+                   "domain": torch.tensor([it["domain"] for it in items])}, device)
 torch.manual_seed(SEED)
 episodes = [split_episode(batch) for _ in range(4)]
 print("batch:", tuple(batch["image"].shape), "domains", batch["domain"].tolist())
