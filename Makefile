@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SEEDS ?= 0
 METHODS ?= erm
 
-.PHONY: setup bench test notebooks lab clean-runs course
+.PHONY: setup bench test notebooks lab student check-student clean-runs course
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,15 @@ notebooks: setup
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/
+
+## The student edition: student/notebooks/*.ipynb, where the core lines of each method are TODO holes
+## (existing student notebooks are kept; FORCE=1 rebuilds them)
+student: setup
+	$(BIN)/python -m dgnb.student build --src notebooks --out student/notebooks $(if $(FORCE),--force,)
+
+## Grade the functions written in the student edition against the library's reference implementations
+check-student: setup
+	$(BIN)/python -m dgnb.student check student/notebooks
 
 clean-runs:
 	rm -rf runs

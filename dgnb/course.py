@@ -85,6 +85,9 @@ def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
     from .engine.runs import run_dir
 
     candidates = [CourseRun("01_domain_shift", "ERM", erm_run(preset_name, seed))]
+    seeds02 = [0, 1, 2] if preset_name != "smoke" else [0, 1]  # notebook 02's SEEDS
+    candidates += [CourseRun("02_meta_learning", f"{label} seed {s}", preset(preset_name, m, s))
+                   for s in seeds02 for label, m in (("ERM", "erm"), ("MLDG", "mldg"))]
     candidates += [CourseRun("03_pin_the_memory", label, cfg) for label, cfg in method_runs(preset_name, seed).items()]
     candidates += [CourseRun("03_pin_the_memory", f"ablation: {v}", cfg)
                    for v, cfg in ablation_runs(preset_name, seed).items()]

@@ -27,10 +27,15 @@
 # converted with `python -m data_tools convert ...` (see the README).
 #
 # The cell below holds the notebook's parameters: `PRESET = "quick"` is the course default (minutes
-# on 2 CPU cores); the tests run every notebook with `"smoke"` (seconds).
+# on 2 CPU cores); the tests run every notebook with `"smoke"` (seconds), and so does setting the
+# environment variable `DGNB_PRESET=smoke` before starting JupyterLab. Notebooks that train also list
+# their seed (`SEED`) and their method's hyperparameters (`HPARAMS`) there: change a value and rerun.
 
 # %% tags=["parameters"]
-PRESET = "quick"
+import os
+
+PRESET = os.environ.get("DGNB_PRESET", "quick")
+SEED = 0  # nothing is trained here: the seed of the images drawn below
 
 # %% [markdown]
 # ## 1. The environment
@@ -103,14 +108,32 @@ print(describe_dataset(cfg.data.root, cfg.data.sources[0]))
 from dgnb.data.folder import SegFolder
 from dgnb.viz import image_grid, overlay
 
+import numpy as np
+
 rows = {}
+picks = np.random.default_rng(SEED).choice(len(SegFolder(cfg.data.root, cfg.data.sources[0], "val")), 3, replace=False)
 for name in cfg.data.sources + cfg.data.targets:
     ds = SegFolder(cfg.data.root, name, "val")
-    rows[f"{name}\n({DOMAINS[name].role})"] = [overlay(ds[i]["image"], ds[i]["label"].numpy(), alpha=0.45)
-                                               for i in range(3)]
-fig = image_grid(rows, col_titles=["val 0", "val 1", "val 2"], legend_classes=[c for c in range(19) if c != 16])
+    rows[f"{name}\n({DOMAINS[name].role})"] = [overlay(ds[int(i)]["image"], ds[int(i)]["label"].numpy(), alpha=0.45)
+                                               for i in picks]
+fig = image_grid(rows, col_titles=[f"val {i}" for i in picks], legend_classes=[c for c in range(19) if c != 16])
 fig
+
+# %% [markdown]
+# Each column is the same street in every domain: the label colours (legend below) sit on the same
+# pixels in every row except `geometric`, whose camera moved, while the colours and textures beneath
+# them change from row to row.
 
 # %% [markdown]
 # **Next:** `01_domain_shift` shows how far apart these domains are, trains the ERM baseline on the
 # three sources and measures what it loses on each target, and why.
+
+# %% [markdown]
+# ## Exercises
+# 1. Which class covers the most pixels of a source image (section 3's table)? Which classes are rarer
+#    than 1 %? Expect those to be the hardest to segment in every notebook.
+# 2. In the grid, which target differs from the sources in colour only, which in texture, which in
+#    weather, which in camera? Check your answers against the `knobs` column of the domain table.
+# 3. Change `SEED` and rerun the last cell: other images of the val split.
+# 4. Print `cfg` for `PRESET = "smoke"` and for `"quick"`: which fields differ, and which of them explain
+#    why the smoke preset runs in seconds?

@@ -30,8 +30,12 @@
 # 5. ends with an explorer to try any domain, image and severity.
 
 # %% tags=["parameters"]
-PRESET = "quick"
+import os
+
+PRESET = os.environ.get("DGNB_PRESET", "quick")  # "smoke" runs the notebook in seconds (the tests do)
 SEED = 0
+HPARAMS = {"aux_weight": 0.4}  # ERM's one hyperparameter (the weight of an auxiliary head's loss; the course's
+                               # model has no auxiliary head, so it changes nothing here: see the exercises)
 
 # %%
 import numpy as np
@@ -40,9 +44,10 @@ import torch
 from dgnb.config import preset
 from dgnb.data.city import DOMAINS, KNOBS, render
 from dgnb.engine.runs import prepare_data, train
+from dgnb.methods.base import changed_hparams
 from dgnb.viz import domains_figure, knob_sweep_figure
 
-cfg = preset(PRESET, "erm", SEED)
+cfg = preset(PRESET, "erm", SEED, hparams=changed_hparams("erm", HPARAMS))
 size = tuple(cfg.data.city["size"])
 prepare_data(cfg)
 
@@ -58,6 +63,10 @@ names = cfg.data.sources + cfg.data.targets
 domains_figure(names, indices=(0, 1, 2), size=size)
 
 # %% [markdown]
+# Read each column top to bottom: the buildings, cars and road stay where they are while colours,
+# textures and fog change, except in the `geometric` row, where the camera itself moved.
+
+# %% [markdown]
 # ## 2. One knob through its severities
 # A knob is one axis of shift with severities 0–5. `fog` applies Koschmieder's law with the
 # rendered depth Z: the observed colour is $I = J\,t + A\,(1 - t)$ with transmission
@@ -66,6 +75,10 @@ domains_figure(names, indices=(0, 1, 2), size=size)
 # %%
 print({k: v.description for k, v in KNOBS.items()})
 knob_sweep_figure("source_a", "fog", index=1, size=size)
+
+# %% [markdown]
+# From left to right the distant end of the street disappears first and the nearby road and cars
+# last: fog removes contrast in proportion to depth, not uniformly.
 
 # %% [markdown]
 # A new domain is one line: a name, a description and knob severities.
@@ -80,6 +93,10 @@ image_grid({"source_a": [render("source_a", "val", i, size=size).image for i in 
             "dusk": [render(dusk, "val", i, size=size).image for i in range(3)]})
 
 # %% [markdown]
+# The same three layouts, darker, warmer and slightly hazy: a domain is only a change of appearance
+# settings, the content generator is shared.
+
+# %% [markdown]
 # ## 3. Train the ERM baseline on the three sources
 # `train(cfg)` returns a cached run when one with the same configuration (and library code) exists,
 # so rerunning this cell is instant; `force=True` retrains. On 2 CPU cores the quick preset takes
@@ -90,6 +107,19 @@ run = train(cfg)
 method = run.load_method()
 m = run.metrics
 print(f"trained in {m['train_seconds']} s; source val mIoU {m['source_val_miou']:.1f}")
+
+# %% [markdown]
+# What happened during training: the cross-entropy over iterations (faint: every logged value; solid:
+# a running mean) and the mIoU on held-out *source* images at each evaluation point.
+
+# %%
+from dgnb.viz import plot_history
+
+plot_history(run, smooth=5)
+
+# %% [markdown]
+# The loss falls fast at first and then slowly, and the source validation mIoU rises with it: the
+# network fits the sources. Nothing here says how it does on the targets; that is the next question.
 
 # %% [markdown]
 # ## 4. Style statistics: what an instance-normalization layer would remove
@@ -108,6 +138,10 @@ stats = style_statistics(method.model, images, stage="stem")
 style_scatter(stats)
 
 # %% [markdown]
+# Where a domain forms its own cloud, the style of an image alone tells its domain, before any
+# semantics; a target whose cloud sits far from all three sources' is one to expect a large drop on.
+
+# %% [markdown]
 # ## 5. How much does ERM lose on each domain?
 # mIoU over the classes present (the city has no trains). Source val is measured on held-out source
 # images; each target on its val split.
@@ -119,8 +153,16 @@ per_domain = {**m["source_domain_miou"], **m["target_miou"]}
 roles = {d: DOMAINS[d].role for d in per_domain}
 domain_bars({"ERM": per_domain}, roles, title=f"ERM ({PRESET} preset, seed {SEED})")
 
+# %% [markdown]
+# Compare every target's bar with the source bars: the gap is what the domain shift costs, smaller on
+# `near` and `geometric`, largest on the two far targets.
+
 # %%
 per_class_heatmap(m["per_class_iou"])
+
+# %% [markdown]
+# Rows are domains, columns classes: look for columns that stay green in every row (classes that
+# survive the shift) and for cells that turn red only in some target rows (what that shift breaks).
 
 # %% [markdown]
 # ## 6. Predictions on each target
@@ -135,7 +177,13 @@ for d in [cfg.data.sources[0]] + cfg.data.targets:
     r = render(d, "val", 4, size=size)
     pred = predict_labels(method, image_tensor([r.image]))[0].numpy()
     rows[d] = [r.image, overlay(r.image, r.label), overlay(r.image, pred)]
-image_grid(rows, col_titles=["image", "ground truth", "ERM prediction"])
+present = [c for c in range(19) if c != 16]  # the city has no trains
+image_grid(rows, col_titles=["image", "ground truth", "ERM prediction"], legend_classes=present)
+
+# %% [markdown]
+# On the source row the prediction looks like the ground truth; on the targets, look for classes
+# painted with another class's colour (the legend gives the colours): those are the confusions the
+# heat map counted.
 
 # %% [markdown]
 # ## 7. mIoU against the severity of one knob
@@ -151,6 +199,10 @@ n_sweep = 24 if PRESET != "smoke" else 4
 sweeps = {k: severity_sweep(method, "source_a", k, n=n_sweep, size=size) for k in ("fog", "texture", "hue")}
 curve(list(range(6)), {k: list(v.values()) for k, v in sweeps.items()}, xlabel="severity",
       title="ERM on source_a with one knob turned up")
+
+# %% [markdown]
+# The slope of each curve is the model's sensitivity to that knob: a flat curve is a shift the model
+# ignores, a steep one a cue it relies on.
 
 # %% [markdown]
 # ## 8. What fails, and why
@@ -186,3 +238,32 @@ from dgnb.viz.explorers import shift_explorer
 
 shift_explorer(method, names, ["fog", "night", "texture", "hue", "contrast", "blur", "noise", "camera_height"],
                size=size)
+
+# %% [markdown]
+# Move the severity slider with a knob selected and watch the prediction (right) degrade while the
+# ground truth (middle) stays the same; the legend lists the classes in view.
+
+# %% [markdown]
+# ## Exercises
+# **From the figures**
+#
+# 1. In the style scatter (§4), which target's cloud overlaps the sources most? Is it the target with
+#    the smallest drop in §5?
+# 2. In the per-class heat map, which three classes lose the most IoU on `far_texture`? Find one of
+#    them in the prediction grid (§6): what is it predicted as instead?
+# 3. In §7, which knob costs the most at severity 5? Which one is nearly flat, and why can the model
+#    afford to ignore it?
+# 4. In the explorer, find the lowest `fog` severity at which poles and traffic signs vanish from the
+#    prediction of a source image.
+#
+# **Change and rerun**
+#
+# 5. Add a knob to the sweep of §7 (`"night"`, `"contrast"` or `"blur"`) and rank all knobs by the mIoU
+#    they cost at severity 5.
+# 6. Train ERM with photometric augmentation, the simplest DG baseline:
+#    `cfg = preset(PRESET, "erm", SEED, **{"data.color_jitter": 0.4})`, then rerun §3 to §7. Which
+#    targets improve, and does the `texture` curve move?
+# 7. Train on two sources only (`**{"data.sources": ["source_a", "source_b"]}`) and compare the drop on
+#    `near`: how much does the third source's style contribute?
+# 8. `HPARAMS["aux_weight"]` only matters with an auxiliary head: build the model with one
+#    (`**{"model.aux": True}`) and compare the training curves with and without it.

@@ -35,9 +35,19 @@
 #    cost (Table 8).
 
 # %% tags=["parameters"]
-PRESET = "quick"
+import os
+
+PRESET = os.environ.get("DGNB_PRESET", "quick")  # "smoke" runs the notebook in seconds (the tests do)
 SEED = 0
 ITERS_ABLATION = 150  # per ablation row (section 12): ten short runs, ~6 min on 2 CPU cores the first time
+HPARAMS = {  # Pin the Memory (dgnb.methods.pinthemem.PinTheMemory.Hparams); only changed values enter the run's key
+    "coh_weight": 0.02,   # λ1, feature cohesion (Eq. 6)
+    "cls_weight": 0.2,    # λ2, memory classification term of Eq. 7
+    "div_weight": 0.4,    # 2·λ2, pairwise cosine term of Eq. 7
+    "momentum": 0.8,      # m of the write (Eq. 2)
+    "first_order": True,  # False: the paper's second-order meta-gradient
+    "memory_update": "freeze_encoder",  # the re-write before meta-test (Table 6)
+}
 
 # %%
 import math
@@ -53,9 +63,10 @@ from dgnb.data.folder import SegFolder
 from dgnb.data.taxonomy import CLASS_ID, CLASSES
 from dgnb.engine.runs import make_method, prepare_data, train
 from dgnb.engine.train import resolve_device
+from dgnb.methods.base import changed_hparams
 from dgnb.viz import per_class_heatmap, slot_similarity_figure, step_table_figure
 
-cfg = preset(PRESET, "pinthemem", SEED)
+cfg = preset(PRESET, "pinthemem", SEED, hparams=changed_hparams("pinthemem", HPARAMS))
 prepare_data(cfg)
 device = resolve_device("auto")
 names = cfg.data.sources + cfg.data.targets
@@ -158,6 +169,28 @@ print(f"W sums to 1 over slots: {torch.allclose(W.sum(1), torch.ones_like(W.sum(
       f"largest weight of a pixel: mean {W.max(1).values.mean():.3f} (uniform would be {1 / W.shape[1]:.3f})")
 
 # %% [markdown]
+# The read in a few lines of your own (in the student edition, the body is yours to write). The
+# library computes S as a 1×1 convolution with the slots as filters; any correct formula gives the
+# same W.
+
+# %%
+from dgnb.methods.pinthemem import l2norm
+
+
+def memory_read(features, memory):
+    """Eq. 4: W (B, N, h, w), the softmax over the N slots of the cosine similarity between each slot
+    M[n] (memory: (N, C), unit-norm rows) and each pixel's l2-normalised feature (features F: (B, C, h, w))."""
+    ### BEGIN SOLUTION: q = l2norm(F) per pixel; S[b, n] = Σ_c M[n, c] q[b, c]; softmax over n
+    q = l2norm(features)
+    scores = torch.einsum("nc,bchw->bnhw", memory.to(q.dtype), q)
+    return scores.softmax(dim=1)
+    ### END SOLUTION
+
+
+assert torch.allclose(W.sum(1), torch.ones_like(W.sum(1)), atol=1e-5)  # every pixel's weights sum to 1
+assert torch.allclose(memory_read(feats, fresh.memory), W, atol=1e-5)  # your read is the library's
+
+# %% [markdown]
 # ## 4. Update
 # Writing goes through a small **update network** U (a 1×1 convolution with a residual connection,
 # U(x) = ReLU(x + BN(Conv(x)))). Its output is ℓ2-normalised, averaged over each class's region in
@@ -177,6 +210,35 @@ moved = (fresh.memory * written).sum(1).cpu()                    # cos(old slot,
 pixels = torch.bincount(y[y != 255].flatten().cpu(), minlength=len(CLASSES))
 pd.DataFrame({"pixels in the batch": pixels.numpy(), "cos(old slot, new slot)": moved.numpy().round(4)},
              index=CLASSES).iloc[present]
+
+# %% [markdown]
+# The write in a few lines of your own: given Z (already ℓ2-normalised, the output of U) and the class
+# masks Y at feature resolution, Eq. 1–2. The check below compares it with the library's write of
+# the batch above, and checks that the slots of classes absent from the batch did not move.
+
+# %%
+from dgnb.methods.pinthemem import class_masks
+
+
+def memory_write(memory, z, masks, momentum):
+    """Eq. 1-2: the new memory (N, C). z: l2norm(U(F)) (B, C, h, w); masks: Y (B, N, h, w), the fraction
+    of each feature cell labelled n. For each class present (K_n = Σ_p Y[n](p) > 0) the class mean
+    Z̄[n] = Σ_p Y[n](p) z(p) / K_n is mixed in: M[n] <- l2norm(m M[n] + (1 − m) Z̄[n]); absent slots stay."""
+    ### BEGIN SOLUTION: sums = einsum("bnhw,bchw->nc"), counts K_n; mix, l2-normalise the rows, keep absent rows
+    sums = torch.einsum("bnhw,bchw->nc", masks, z)
+    counts = masks.sum((0, 2, 3))
+    mixed = momentum * memory + (1 - momentum) * sums / counts.clamp_min(1e-6)[:, None]
+    return torch.where((counts > 0)[:, None], l2norm(mixed), memory)
+    ### END SOLUTION
+
+
+with torch.no_grad():
+    z = l2norm(fresh.update_net(feats))
+masks = class_masks(y, z.shape[-2:], fresh.mem.num_slots)
+absent = pixels == 0
+assert torch.allclose(memory_write(fresh.memory, z, masks, fresh.mem.momentum), written, atol=1e-5)  # = library
+assert torch.allclose(moved[absent], torch.ones(int(absent.sum())))  # absent slots unchanged (cosine 1)
+assert torch.allclose(written.norm(dim=1), torch.ones(len(written)), atol=1e-5)  # rows stay unit-norm
 
 # %% [markdown]
 # Slots of classes absent from the batch are unchanged (cosine 1); the others move by a step set by
@@ -225,9 +287,30 @@ print(f"L_div: classification {cls:.3f} (an untrained G: log 19 = {math.log(19):
       f"mean positive cosine between slots {cos:.3f}")
 
 # %% [markdown]
+# The cohesion loss in a few lines of your own: the scores S are at feature resolution, the labels at
+# image resolution. Like the official code, upsample the scores bilinearly to the labels' size and
+# take the cross-entropy over slots, skipping ignore pixels (255).
+
+# %%
+from torch.nn import functional as F
+
+
+def cohesion_loss(scores, labels):
+    """Eq. 6 with τ = 1: the mean over labelled pixels of −log softmax_n(S)[label]. scores: S (B, N, h, w);
+    labels: (B, H, W) train ids, 255 = ignore."""
+    ### BEGIN SOLUTION: F.interpolate the scores to labels.shape[-2:] (bilinear), then F.cross_entropy with ignore_index
+    logits = F.interpolate(scores.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, labels, ignore_index=255)
+    ### END SOLUTION
+
+
+assert torch.isclose(cohesion_loss(S, y), coh, atol=1e-5)  # your L_coh is the library's
+
+# %% [markdown]
 # ## 6. The meta-learning episode
 # Every iteration (Alg. 1) the source domains S are split at random into meta-train S_tr and
-# meta-test S_te (with three sources: one or two domains on each side).
+# meta-test S_te (with three sources: one or two domains on each side): the MLDG episode of notebook
+# 02, which shows the split, the inner step and the combined update in detail. What the memory adds:
 #
 # 1. **Meta-train** (Eq. 8): images of S_tr read the current memory M₀ and compute L_read; the same
 #    forward writes M₀ into M̃ (graph kept) and computes L_update on M̃.
@@ -272,22 +355,17 @@ step_table_figure(STEPS, GROUPS, KINDS,
                   "One Pin the Memory iteration (Alg. 1): what each step does to each parameter group")
 
 # %% [markdown]
+# Follow the "update net U" column: it receives gradient in steps 1, 3 and 4 and is stepped in 5,
+# while the memory itself is never stepped, only written (steps 1, 3, 6).
+
+# %% [markdown]
 # ### First order (official code) or second order (paper)?
-# Write the meta-train loss L_tr(θ) and θ' = θ − α∇L_tr(θ). The outer step follows
-#
-# $$\nabla_\theta\big[L_{tr}(\theta) + \beta L_{te}(\theta')\big]
-#   = \nabla L_{tr}(\theta)
-#   + \beta \underbrace{\big(I - \alpha \nabla^2 L_{tr}(\theta)\big)}_{\partial\theta'/\partial\theta}
-#     \nabla L_{te}(\theta').$$
-#
-# The paper describes this **second-order** gradient (its Table 7 calls it "M.L."; Eq. 11 is
-# "differentiating Θ' obtained from (9) with the original parameters"). The official code builds θ'
-# from the plain, detached gradient (no `create_graph`), so ∂θ'/∂θ = I and the step is the
-# **first-order** ∇L_tr(θ) + β∇L_te(θ'). dgnb does the same by default (`first_order=True`, for MLDG
-# too); `hparams.first_order=False` gives the paper's version, at the price of Hessian-vector
-# products (about twice the time and memory). With a small α the two differ little: the
-# correction is −αβ∇²L_tr ∇L_te. Here is the library's `inner_step` on a two-parameter toy problem
-# with L_tr = ½(2w₁² + 20w₂²), L_te = ½‖w − (½, ½)‖², checked by hand.
+# Notebook 02 (§2–3) derives the MLDG update and the difference between its first- and second-order
+# forms, −αβ∇²L_tr∇L_te(θ'). The paper describes the **second-order** gradient (its Table 7 calls it
+# "M.L."; Eq. 11 is "differentiating Θ' obtained from (9) with the original parameters"); the official
+# code builds θ' from the detached gradient, the **first order**. dgnb does the same by default
+# (`first_order=True`); `HPARAMS["first_order"] = False` gives the paper's version, at about twice the
+# time and memory. The same check as in notebook 02, on L_tr = ½(2w₁² + 20w₂²), L_te = ½‖w − (½, ½)‖²:
 
 # %%
 from dgnb.methods.meta import inner_step
@@ -306,6 +384,8 @@ g_tr = H * w0
 g_te = (w0 - alpha * g_tr) - 0.5
 grads["by hand: ∇L_tr + ∇L_te(θ')"] = (g_tr + g_te).tolist()
 grads["by hand: ∇L_tr + (I − αH) ∇L_te(θ')"] = (g_tr + (1 - alpha * H) * g_te).tolist()
+assert np.allclose(grads["first order (code)"], grads["by hand: ∇L_tr + ∇L_te(θ')"])
+assert np.allclose(grads["second order (paper)"], grads["by hand: ∇L_tr + (I − αH) ∇L_te(θ')"])
 pd.DataFrame(grads, index=["∂/∂w₁", "∂/∂w₂"]).T
 
 # %% [markdown]
@@ -333,7 +413,7 @@ pd.DataFrame(grads, index=["∂/∂w₁", "∂/∂w₂"]).T
 from dgnb.viz import domain_bars
 
 METHODS = {"ERM": "erm", "MLDG": "mldg", "Pin the Memory": "pinthemem"}
-runs = {label: train(preset(PRESET, name, SEED)) for label, name in METHODS.items()}
+runs = {label: train(cfg if name == "pinthemem" else preset(PRESET, name, SEED)) for label, name in METHODS.items()}
 roles = {d: DOMAINS[d].role for d in names}
 pd.DataFrame([{"method": label, "source val": r.metrics["source_val_miou"], **r.metrics["target_miou"],
                "mean target": r.metrics["mean_target_miou"], "train s": r.metrics["train_seconds"]}
@@ -382,6 +462,24 @@ seed_intervals_figure(bench_runs, "erm", LABELS)
 # says the seeds cannot rank the two, however far apart the means look. The printed lines answer the
 # notebook's question directly: the last one, Pin the Memory − MLDG, is what the memory adds on top
 # of the meta-learning it is trained with.
+#
+# How the three trained: the segmentation cross-entropy (for the episodic methods, on the meta-train
+# images) and the source validation mIoU at each evaluation point. Then every loss term of Pin the
+# Memory: `seg` and `te_seg` (meta-train and meta-test cross-entropy), `coh` (L_coh, Eq. 6), `mem_cls`
+# and `mem_div` (the two terms of L_div, Eq. 7).
+
+# %%
+from dgnb.viz import plot_history
+
+plot_history(runs, terms=["seg"], smooth=5)
+
+# %%
+plot_history(runs["Pin the Memory"], terms=["seg", "te_seg", "coh", "mem_cls", "mem_div"], smooth=5)
+
+# %% [markdown]
+# `coh` flattens out well above zero: with τ = 1 and cosines in [0, 1] it cannot go below
+# log(1 + 18/e) ≈ 2.03 (§5). `mem_div` is the mean positive cosine between the freshly written slots,
+# what the divergence loss pushes down: compare its last values with the trained memory of §8.
 
 # %% [markdown]
 # Where does the memory change things? Per class and per target, the IoU of Pin the Memory minus
@@ -395,6 +493,10 @@ delta = {t: {c: pc["Pin the Memory"][t][c] - pc["ERM"][t][c] for c in pc["ERM"][
 per_class_heatmap(delta, "IoU(Pin the Memory) − IoU(ERM), per target and class (points)", difference=True)
 
 # %% [markdown]
+# Look for whole columns of one colour (a class the memory helps or hurts everywhere) against
+# scattered cells (single-run noise, a few points either way).
+
+# %% [markdown]
 # ## 8. What the memory learned
 # The trained memory next to the initial one of §2. The divergence loss pushes the slots toward
 # orthogonality: off-diagonal cells should fade from red toward white (slots are non-negative, so
@@ -404,6 +506,39 @@ per_class_heatmap(delta, "IoU(Pin the Memory) − IoU(ERM), per target and class
 erm = runs["ERM"].load_method()
 pm = runs["Pin the Memory"].load_method()
 slot_similarity_figure({"initial memory": fresh.memory, "trained memory": pm.memory}, present)
+
+# %% [markdown]
+# ### The memory over training
+# The training run kept, at each of its evaluation points, the memory M and the read weights W of a
+# fixed probe set, the first val image of every domain (`Run.snapshots`, the file `snapshots.pt` in
+# the run folder; only looked at, never trained on). First the slot similarities at each snapshot:
+
+# %%
+snaps = runs["Pin the Memory"].snapshots
+assert snaps is not None, "this run kept no snapshots: retrain it with train(cfg, force=True)"
+slot_similarity_figure({f"iteration {s['iteration']}": s["memory"] for s in snaps["snapshots"]}, present)
+
+# %% [markdown]
+# From left to right, watch the off-diagonal cells: do they fade toward white as training goes on
+# (the divergence loss separating the slots), and which pairs stay red until the end?
+#
+# Next, the read weights of one probe image, an unseen-texture target, at each snapshot: one row per
+# evaluation point, one column per slot (as in §10, normalised per pixel across slots).
+
+# %%
+from dgnb.viz import memory_over_training_figure
+
+memory_over_training_figure(snaps, probe_index=snaps["probe"]["domain"].index("far_texture"))
+
+# %% [markdown]
+# Read down a column: a slot that becomes a class guide lights up on its own class (the legend gives
+# the ground-truth colours) more sharply at each evaluation. The explorer shows any probe image and
+# any slots at each iteration, side by side.
+
+# %%
+from dgnb.viz.explorers import memory_training_explorer
+
+memory_training_explorer(snaps)
 
 # %% [markdown]
 # ## 9. Features in 2-D: t-SNE by class and by domain (Fig. 5)
@@ -435,6 +570,10 @@ tsne_features_figure({"ERM": tsne_input(erm), "Pin the Memory": tsne_input(pm, p
                      seed=SEED, max_points=n_points)
 
 # %% [markdown]
+# Compare the two rows: where the by-domain panel shows one colour clumped away from the others, that
+# domain's features are domain-specific; the memory should make such islands rarer in its row.
+
+# %% [markdown]
 # ## 10. Memory activation maps on unseen domains (Fig. 6)
 # The read weights W of Eq. 4, for a few class slots, on an image of a target domain the network
 # never saw: each slot's weight is upsampled to the image, normalised per pixel across slots (minus
@@ -452,6 +591,10 @@ i = int(max(range(len(labels[domain])), key=lambda k: int((labels[domain][k] == 
 weights = pm.read_weights(images[domain][i : i + 1].to(pm.device))[0].float().cpu()
 memory_activation_figure(images[domain][i], weights, [CLASS_ID[c] for c in ("car", "vegetation", "road", "building")],
                          label=labels[domain][i], ncols=3)
+
+# %% [markdown]
+# Compare each slot's panel with the ground truth (colours in the legend): yellow should cover the
+# slot's own class and little else; a panel yellow everywhere is a slot that does not discriminate.
 
 # %% [markdown]
 # How good a classifier is the read alone? Take argmax_n W[n](p) as the label of each pixel (no
@@ -479,6 +622,10 @@ read_vs_net = {
 domain_bars(read_vs_net, roles, title=f"Pin the Memory on {n_images} val images per domain")
 
 # %% [markdown]
+# The closer the two bars of a domain, the more of the network's class information the memory read
+# alone already carries there.
+
+# %% [markdown]
 # ## 11. Explorer
 # Choose a domain, an image and a memory slot: image, ground truth, Pin the Memory's prediction and
 # the slot's read weight over the image.
@@ -487,6 +634,10 @@ domain_bars(read_vs_net, roles, title=f"Pin the Memory on {n_images} val images 
 from dgnb.viz.explorers import memory_explorer
 
 memory_explorer(pm, images, labels)
+
+# %% [markdown]
+# Pick a slot and move through the domains: a slot worth having lights up on its own class (legend:
+# ground-truth colours) in the unseen domains as well as in the sources.
 
 # %% [markdown]
 # ## 12. Ablations (Tables 5–7), on a short budget
@@ -632,3 +783,27 @@ pd.DataFrame({
 #   (Table 5) and 2.8 to 7.3 for the re-write (Table 6).
 # - **Cost (§13).** The memory adds a matrix product and a 1×1 convolution at inference; its
 #   parameters are a small share of a ResNet-50 DeepLab, a larger one of the course's narrow model.
+
+# %% [markdown]
+# ## Exercises
+# **From the figures**
+#
+# 1. In §3, what is the largest read weight a pixel gives a slot, on average? Why can it never exceed
+#    e²/(e² + 18) ≈ 0.29 with cosine scores and no temperature?
+# 2. In §8 (the memory over training), which pairs of slots stay most similar at the last snapshot?
+#    Are they classes that the per-class difference map of §7 shows as weak?
+# 3. In the memory-over-training figure, at which evaluation does the `car` slot first light up on
+#    the car? Does the `road` slot ever light up on the sidewalk?
+# 4. In §10, on which target does the memory read alone (argmax W) come closest to the network? What
+#    does that say about where the memory can help?
+#
+# **Change and rerun**
+#
+# 5. Set `HPARAMS["coh_weight"] = 0` (no cohesion loss) and rerun §7–§10: do the activation maps become
+#    more diffuse? Then try `0.2`: ten times the paper's weight.
+# 6. Set `HPARAMS["div_weight"] = 0` and `HPARAMS["cls_weight"] = 0` (no divergence loss) and compare the
+#    trained slot similarities of §8 with the full method's.
+# 7. Change the write's momentum (`HPARAMS["momentum"]`: 0.5, 0.95) and rerun the memory-over-training
+#    figures: how fast do the slots move between snapshots?
+# 8. Set `HPARAMS["memory_update"] = "none"` (meta-test reads the meta-train write, Table 6) and compare
+#    the mean target mIoU with the full method's over the seeds you can afford.

@@ -31,6 +31,12 @@ def make_toy_dataset(root: Path, names=("a", "b", "c"), n: int = 8, size=(32, 64
 
 
 @pytest.fixture(scope="session")
+def course_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The DGNB_HOME of the notebook tests (smoke-preset data and runs), shared so data is generated once."""
+    return tmp_path_factory.getbasetemp() / "dgnb_home"
+
+
+@pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_toy_dataset(tmp_path_factory.mktemp("toy"))
 

@@ -30,10 +30,33 @@ def test_every_notebook_is_paired():
         assert src == [c.source for c in ipynb.cells], f"{py.stem}: .py and .ipynb differ: run `make notebooks`"
 
 
+def parameters(path: Path) -> dict[str, object]:
+    """The values the `parameters` cell of a notebook assigns."""
+    cell = next(c for c in jupytext.read(path).cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    namespace: dict[str, object] = {}
+    exec(cell.source, namespace)
+    return {k: v for k, v in namespace.items() if k.isupper()}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_on_smoke(path, tmp_path_factory, monkeypatch):
-    home = tmp_path_factory.getbasetemp() / "dgnb_home"  # shared by the notebooks: data generated once
-    monkeypatch.setenv("DGNB_HOME", str(home))
+def test_parameters_cell_and_exercises(path, monkeypatch):
+    monkeypatch.delenv("DGNB_PRESET", raising=False)
+    params = parameters(path)
+    assert params["PRESET"] == "quick" and isinstance(params.get("SEED"), int), f"{path.stem}: PRESET and SEED"
+    monkeypatch.setenv("DGNB_PRESET", "smoke")  # what the browser test and `DGNB_PRESET=smoke jupyter lab` use
+    assert parameters(path)["PRESET"] == "smoke"
+    source = path.read_text()
+    if "train(" in source:  # notebooks that train list their method's hyperparameters and pass them to preset()
+        assert isinstance(params.get("HPARAMS"), dict) and params["HPARAMS"], f"{path.stem}: HPARAMS"
+        assert "hparams=changed_hparams(" in source, f"{path.stem}: HPARAMS must reach preset()"
+    last = next(c for c in reversed(jupytext.read(path).cells) if c.cell_type == "markdown")
+    assert last.source.startswith("## Exercises"), f"{path.stem} must end with an Exercises section"
+    assert "rerun" in last.source.lower(), f"{path.stem}: exercises should include things to change and rerun"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_on_smoke(path, course_home, monkeypatch):
+    monkeypatch.setenv("DGNB_HOME", str(course_home))  # shared by the notebooks: data generated once
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = with_parameters(jupytext.read(path), PRESET="smoke")
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()

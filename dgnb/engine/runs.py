@@ -42,7 +42,7 @@ from .train import CHECKPOINT, fit, read_checkpoint, resolve_amp, resolve_device
 
 # Modules that cannot change a run's result: presentation, the command line, tools around runs, and the
 # presets (config.py only produces configuration values, and those are hashed themselves).
-_NOT_KEYED = ("viz/", "analysis.py", "cli.py", "engine/bench.py", "data/inspect.py", "config.py", "course.py")
+_NOT_KEYED = ("viz/", "analysis.py", "cli.py", "engine/bench.py", "data/inspect.py", "config.py", "course.py", "student.py")
 
 
 def library_fingerprint(method: str = "") -> str:
@@ -233,6 +233,13 @@ class Run:
         return (self.dir / "metrics.json").is_file()
 
     @property
+    def snapshots(self) -> dict[str, Any] | None:
+        """What the method kept at each evaluation point (`Method.on_evaluate`), or None:
+        {"probe": {image, label, domain}, "snapshots": [{"iteration": t, ...tensors}, ...]}."""
+        p = self.dir / SNAPSHOTS
+        return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
+
+    @property
     def history(self) -> list[dict]:
         p = self.dir / "log.jsonl"
         return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
@@ -421,6 +428,7 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
         res = evaluate_domains(m, cfg, d.sources, limit=d.val_limit, datasets=val_sets)
         return {"val_miou": round(SegMetrics(sum(r.confusion for r in res.values())).miou, 2)}
 
+    validate = with_snapshots(validate, method, cfg, folder)  # what the method keeps at each evaluation
     history, seconds = fit(method, make_loader, cfg.train.iterations, folder, validate if is_main() else None,
                            cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.log_every, progress, stop_at)
     if method.iteration < cfg.train.iterations or not is_main():
@@ -474,3 +482,63 @@ def _from_cache(run: Run, progress: bool) -> Run:
         atomic_write_json(run.metrics_path, summary)
     barrier()
     return run
+
+
+# ----- snapshots over training ----------------------------------------------------------------------
+def probe_batch(cfg: RunConfig, per_domain: int = 1) -> dict[str, Any]:
+    """The first `per_domain` val images of every source and target domain (images resized to the
+    first one's size): the fixed images whose read-outs a method's `on_evaluate` keeps over training.
+    Only looked at, under no-grad and in eval mode: nothing here trains on the targets."""
+    from torch.nn import functional as F
+
+    images, labels, names = [], [], []
+    for name in dict.fromkeys(cfg.data.sources + cfg.data.targets):
+        ds = domain_set(cfg, name, "val", eval_transform(cfg.data.eval_size), limit=per_domain)
+        for i in range(len(ds)):
+            item = ds[i]
+            image, label = item["image"].float(), item["label"].long()
+            if images and image.shape[-2:] != images[0].shape[-2:]:
+                size = images[0].shape[-2:]
+                image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+                label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+            images.append(image)
+            labels.append(label)
+            names.append(name)
+    return {"image": torch.stack(images), "label": torch.stack(labels), "domain": names}
+
+
+SNAPSHOTS = "snapshots.pt"
+
+
+def with_snapshots(validate, method: Method, cfg: RunConfig, folder: Path):
+    """`validate`, preceded at each evaluation point by `method.on_evaluate(probe)`, stored in
+    `folder/snapshots.pt` (atomically); `validate` itself for methods that keep nothing. A resumed run
+    drops the snapshots taken after its checkpoint and takes them again."""
+    if type(method).on_evaluate is Method.on_evaluate:
+        return validate
+    from ..io import atomic_torch_save
+
+    state: dict[str, Any] = {}
+
+    def take(m: Method) -> None:
+        if not state:
+            state["probe"] = probe_batch(cfg)
+            old = torch.load(folder / SNAPSHOTS, weights_only=False) if (folder / SNAPSHOTS).is_file() else None
+            state["snapshots"] = old["snapshots"] if old else []
+        probe = state["probe"]
+        with torch.no_grad():
+            snap = m.on_evaluate({"image": probe["image"].to(m.device), "label": probe["label"].to(m.device)})
+        if snap is None:
+            return
+        kept = [s for s in state["snapshots"] if s["iteration"] < m.iteration]
+        state["snapshots"] = kept + [{"iteration": m.iteration,
+                                      **{k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in snap.items()}}]
+        probe_cpu = {"image": (probe["image"] * 255).round().to(torch.uint8), "label": probe["label"].to(torch.uint8),
+                     "domain": probe["domain"]}
+        atomic_torch_save(folder / SNAPSHOTS, {"probe": probe_cpu, "snapshots": state["snapshots"]})
+
+    def validate_with_snapshot(m: Method) -> dict[str, float]:
+        take(m)
+        return validate(m)
+
+    return validate_with_snapshot

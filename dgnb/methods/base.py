@@ -172,6 +172,13 @@ class Method(nn.Module):
         with self.autocast():
             return self.model(images).logits.float()
 
+    def on_evaluate(self, probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Called by the engine at each evaluation point, in eval mode, with a fixed probe batch
+        (`image` in [0, 1], `label`, on the method's device). Return tensors to keep with the run
+        (`snapshots.pt`, e.g. a memory and its read weights) or None. Must not change any state or
+        draw random numbers (resume stays exact)."""
+        return None
+
     # ----- checkpoints ----------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         """Non-tensor state a subclass must keep across a resume (stage counters, thresholds...)."""
@@ -237,3 +244,15 @@ def build_method(name: str, model_cfg: ModelConfig, optim: OptimConfig, num_doma
     if name not in REGISTRY:
         raise ValueError(f"unknown method '{name}'; registered methods: {sorted(REGISTRY)}")
     return REGISTRY[name](model_cfg, optim, num_domains, hparams)
+
+
+def changed_hparams(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `values` that differ from method `name`'s defaults (an unknown name is an error).
+
+    A notebook lists every hyperparameter; passing only the changed ones keeps the run's cache key
+    equal to that of `preset(preset_name, name, seed)`, so unchanged notebooks reuse cached runs."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method '{name}'; registered methods: {sorted(REGISTRY)}")
+    defaults = make_hparams(REGISTRY[name].Hparams, {}, name)
+    make_hparams(REGISTRY[name].Hparams, dict(values), name)  # validates the names
+    return {k: v for k, v in values.items() if getattr(defaults, k) != v}

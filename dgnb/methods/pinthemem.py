@@ -452,3 +452,12 @@ class PinTheMemory(Method):
         with self.autocast():
             feats = self.model.encode(images)[1]
         return read_weights_from_scores(cosine_scores(feats.float(), self.memory), self.hp.gumbel_read)
+
+    @torch.no_grad()
+    def on_evaluate(self, probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Kept with the run at each evaluation point: the memory M and the probe images' read weights W
+        (Eq. 4, plain softmax) for the notebooks' memory-over-training figures."""
+        with self.autocast():
+            feats = self.model.encode(probe["image"])[1]
+        weights = read_weights_from_scores(cosine_scores(feats.float(), self.memory))
+        return {"memory": self.memory.float().clone(), "read_weights": weights.half()}

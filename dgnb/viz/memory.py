@@ -156,6 +156,11 @@ def memory_activation_figure(image: torch.Tensor | np.ndarray, weights: torch.Te
         ax.set_title(title, fontsize=8)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
     fig.colorbar(sm, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label="relative read weight")
+    if label is not None:  # the colours of the ground-truth panel
+        from .figures import class_legend
+
+        values = np.unique(np.asarray(torch.as_tensor(label).cpu()))
+        class_legend(fig, [int(c) for c in values if c < NUM_CLASSES])
     plt.close(fig)  # displayed once, as the returned value (not also by the inline backend)
     return fig
 
@@ -207,3 +212,55 @@ def step_table_figure(steps: Sequence[StepRow], groups: Sequence[str], kinds: Ma
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def memory_over_training_figure(snapshots: dict, probe_index: int = 0, slots: Sequence[int] | None = None,
+                                alpha: float = 0.65) -> Figure:
+    """Read weights over training, from a run's snapshots (`Run.snapshots`): one row per evaluation
+    point, the probe image's ground truth then one panel per slot in `slots` (read weight of Eq. 4,
+    normalised per pixel across slots, viridis-blended over the image), with a class legend. The
+    static companion of `memory_training_explorer`."""
+    from .figures import class_legend
+
+    probe, snaps = snapshots["probe"], snapshots["snapshots"]
+    slots = [CLASSES.index(c) for c in ("road", "building", "vegetation", "car")] if slots is None else list(slots)
+    img = to_numpy_image(probe["image"][probe_index])
+    label = probe["label"][probe_index].numpy().astype(np.int64)
+    h, w = img.shape[:2]
+    ncols = 1 + len(slots)
+    fig, axes = plt.subplots(len(snaps), ncols, figsize=(2.6 * ncols, (2.6 * h / w + 0.3) * len(snaps) + 0.9),
+                             squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for r, snap in enumerate(snaps):
+        act = normalized_activation(snap["read_weights"][probe_index].float(), (h, w))
+        panels = [overlay(img, label)] + [((1 - alpha) * img + alpha * cmap(act[s])[..., :3] * 255).round()
+                                          .astype(np.uint8) for s in slots]
+        for c, (ax, picture) in enumerate(zip(axes[r], panels)):
+            ax.imshow(picture)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title("ground truth" if c == 0 else f"slot: {CLASSES[slots[c - 1]]}", fontsize=8)
+        axes[r, 0].set_ylabel(f"iteration {snap['iteration']}", fontsize=8)
+    fig.suptitle(f"read weights of the {probe['domain'][probe_index]} probe image at each evaluation", fontsize=10)
+    fig.tight_layout()
+    present = [int(c) for c in np.unique(label) if c < NUM_CLASSES]
+    fig.subplots_adjust(bottom=min(0.12, 0.5 / fig.get_figheight()), right=0.92)
+    class_legend(fig, present)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
+    fig.colorbar(sm, cax=fig.add_axes((0.935, 0.2, 0.012, 0.6)), label="relative read weight")
+    plt.close(fig)
+    return fig
+
+
+def slot_separation(snapshots: dict, classes: Sequence[int] | None = None) -> dict[int, float]:
+    """{iteration: mean over pairs of distinct slots (in `classes`) of max(cos, 0)}: how far the
+    divergence loss has pushed the slots apart at each evaluation point (0: orthogonal)."""
+    out = {}
+    for snap in snapshots["snapshots"]:
+        m = F.normalize(snap["memory"].float(), dim=1)
+        if classes is not None:
+            m = m[list(classes)]
+        sims = (m @ m.T).clamp_min(0)
+        n = len(m)
+        out[int(snap["iteration"])] = float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
+    return out
