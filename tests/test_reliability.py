@@ -250,11 +250,8 @@ def test_new_targets_reevaluate_a_finished_run_instead_of_retraining(smoke_root,
     first = train(smoke(smoke_root), progress=False)
     stamp = (first.dir / "checkpoint.pt").stat().st_mtime_ns
     before = (first.dir / "metrics.json").read_bytes()
-
-    def no_training(*a, **k):
-        raise AssertionError("retrained")
-
-    monkeypatch.setattr(runs_mod, "fit", no_training)
+    # (no monkeypatched `fit` here: patching library code changes the run key by design, see test_run_key.py;
+    # the untouched checkpoint below shows that nothing was retrained)
     wider = smoke(smoke_root, **{"data.targets": ["near", "far_fog"], "data.eval_limit": 4})
     again = train(wider, progress=False)
     assert again.dir == first.dir and (first.dir / "checkpoint.pt").stat().st_mtime_ns == stamp
