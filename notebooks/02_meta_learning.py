@@ -353,8 +353,9 @@ pd.DataFrame({t: paired_difference(results["MLDG"][t], results["ERM"][t]) for t 
 # Read the right panel target by target: an interval that crosses zero says these seeds cannot tell the
 # methods apart there, however large the mean difference looks; with the smoke preset's two seeds and
 # six iterations the intervals are huge, with the quick preset's three seeds they are informative.
-# The README ("Methods on the embedded city") lists the same comparison over three seeds of the quick
-# preset, measured once and shipped with the repository.
+# The README ("Methods on the embedded city") lists the same comparison over five seeds of the quick
+# preset, measured once and shipped with the repository: MLDG − ERM = +2.2 [+0.7, +3.7] points of mean
+# target mIoU, resolved.
 
 # %% [markdown]
 # ## Exercises

@@ -756,11 +756,12 @@ pd.DataFrame({
 #   the camera moved and no appearance guide can fix object scale. MLDG isolates what the episodes
 #   alone do; the gap between MLDG and Pin the Memory is what the memory adds (on a single seed, a
 #   gap of a point or two can be noise). The per-class
-#   difference map shows which classes carry the change. Over three seeds of the quick preset on
-#   2 CPU cores (README, "Methods on the embedded city"; `benchmarks/results/bench_quick_pinthemem.json`)
-#   the mean target mIoU was ERM 31.3 ± 1.5, MLDG 33.9 ± 1.7, Pin the Memory 33.1 ± 0.4: the
-#   memory model beats ERM, mostly on `near` and `far_texture`, but not MLDG. On this benchmark the
-#   episodes and the meta step carry the gain, and the memory adds nothing measurable on top; the
+#   difference map shows which classes carry the change. Over five seeds of the quick preset on
+#   2 CPU cores (§7's interval figure; README, "Methods on the embedded city") the mean target mIoU
+#   was ERM 32.0 ± 1.3, MLDG 34.3 ± 1.3, Pin the Memory 33.2 ± 0.8. MLDG − ERM is +2.2 [+0.7, +3.7]
+#   (resolved); Pin the Memory − ERM +1.2 [−1.3, +3.6] and Pin the Memory − MLDG −1.1 [−2.8, +0.6] are
+#   not resolved. On this benchmark the episodes and the meta step carry the gain, and the memory adds
+#   nothing measurable on top; the
 #   paper's Table 7 credits the memory with +6.3 points on real data. Trust the seed-averaged table
 #   over a single run, and treat that gap as an open question you can probe with the ablations.
 # - **Slot similarities (§2, §8).** The initial memory is nearly one direction (all red). L_div asks
