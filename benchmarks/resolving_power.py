@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("erm", "mldg")
+METHODS = ("erm", "mldg")                          # the lever study: ERM and MLDG
+PAIRS = (("mldg", "erm"), ("pinthemem", "erm"), ("pinthemem", "mldg"))  # paired differences reported
 EVAL_SIZES = (150, 300)
 COMMON = {"train.ema_decay": 0.995, "data.city": {"train": 600, "val": 300, "size": [128, 256], "seed": 0}}
 # name -> config overrides of the quick preset (on top of COMMON)
@@ -86,40 +87,54 @@ def record(lever: str, method_name: str, seed: int) -> dict[str, Any]:
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per lever and scoring: each method's seed mean and sd of the mean target mIoU, and for every pair of
+    PAIRS present the paired difference, its sd, 95% half-width and the difference detectable at 5 seeds."""
     from dgnb.analysis import detectable_difference, paired_difference
 
     out = {}
     for lever in dict.fromkeys(r["lever"] for r in records):
         rs = {(r["method"], r["seed"]): r for r in records if r["lever"] == lever}
-        seeds = sorted(s for (m, s) in rs if m == "mldg" and ("erm", s) in rs)
-        if len(seeds) < 2:
-            continue
-        row = {"seeds": seeds, "train_seconds": {m: statistics.mean(rs[(m, s)]["train_seconds"] for s in seeds)
-                                                 for m in METHODS}}
+        methods = list(dict.fromkeys(m for m, _ in rs))
+        seeds = {m: sorted(s for (mm, s) in rs if mm == m) for m in methods}
+        row: dict[str, Any] = {"seeds": seeds, "train_seconds": {
+            m: statistics.mean(rs[(m, s)]["train_seconds"] for s in seeds[m]) for m in methods}}
         for variant in [f"{w}{n}" for w in ("raw", "ema") for n in EVAL_SIZES]:
-            vals = {m: [rs[(m, s)][variant]["mean_target"] for s in seeds] for m in METHODS}
-            diff = paired_difference(vals["mldg"], vals["erm"])
-            row[variant] = {
-                **{f"{m}_mean": statistics.mean(v) for m, v in vals.items()},
-                **{f"{m}_sd": statistics.stdev(v) for m, v in vals.items()},
-                "diff_mean": diff["mean"], "diff_sd": diff["sd"], "half_width": diff["half_width"],
-                "detectable_at_5": detectable_difference(diff["sd"], 5),
-            }
+            v: dict[str, Any] = {}
+            for m in methods:
+                vals = [rs[(m, s)][variant]["mean_target"] for s in seeds[m]]
+                v[f"{m}_mean"] = statistics.mean(vals)
+                v[f"{m}_sd"] = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+            for a, b in PAIRS:
+                common = sorted(set(seeds.get(a, [])) & set(seeds.get(b, [])))
+                if len(common) < 2:
+                    continue
+                diff = paired_difference([rs[(a, s)][variant]["mean_target"] for s in common],
+                                         [rs[(b, s)][variant]["mean_target"] for s in common])
+                v[f"{a}-{b}"] = {"n": len(common), "mean": diff["mean"], "sd": diff["sd"], "low": diff["low"],
+                                 "high": diff["high"], "half_width": diff["half_width"],
+                                 "excludes_zero": diff["excludes_zero"],
+                                 "detectable_at_5": detectable_difference(diff["sd"], 5)}
+            row[variant] = v
         out[lever] = row
     return out
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    lines = ["| setting | scoring | seeds | ERM mean target | MLDG mean target | sd(MLDG − ERM) | MLDG − ERM | "
-             "95% half-width | detectable at 5 seeds | train s ERM / MLDG |", "|" + "---|" * 10]
+    lines = ["| setting | scoring | pair | seeds | mean target (first, second) | sd of the paired difference | "
+             "paired difference [95% CI] | detectable at 5 seeds |", "|" + "---|" * 8]
     for lever, row in summary.items():
         for variant in [f"{w}{n}" for w in ("raw", "ema") for n in EVAL_SIZES]:
             v = row[variant]
-            lines.append(
-                f"| {lever} | {variant[:3]}, {variant[3:]} img/target | {len(row['seeds'])} | "
-                f"{v['erm_mean']:.1f} ± {v['erm_sd']:.1f} | {v['mldg_mean']:.1f} ± {v['mldg_sd']:.1f} | "
-                f"{v['diff_sd']:.2f} | {v['diff_mean']:+.2f} | {v['half_width']:.2f} | {v['detectable_at_5']:.2f} | "
-                f"{row['train_seconds']['erm']:.0f} / {row['train_seconds']['mldg']:.0f} |")
+            for a, b in PAIRS:
+                d = v.get(f"{a}-{b}")
+                if d is None:
+                    continue
+                mark = " ✓" if d["excludes_zero"] else ""
+                lines.append(
+                    f"| {lever} | {'final weights' if variant.startswith('raw') else 'EMA 0.995'}, {variant[3:]} "
+                    f"img/target | {a} − {b} | {d['n']} | {v[f'{a}_mean']:.1f} ± {v[f'{a}_sd']:.1f}, "
+                    f"{v[f'{b}_mean']:.1f} ± {v[f'{b}_sd']:.1f} | {d['sd']:.2f} | {d['mean']:+.2f} "
+                    f"[{d['low']:+.2f}, {d['high']:+.2f}]{mark} | {d['detectable_at_5']:.2f} |")
     return "\n".join(lines)
 
 
@@ -127,7 +142,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help="methods per lever (pinthemem adds the memory method, scored the same ways)")
     p.add_argument("--out", default=str(RESULTS / "resolving_power.json"))
+    p.add_argument("--bench-out", help="also write the first lever's method comparison in dgnb bench's JSON format")
     a = p.parse_args()
     from dgnb.engine.bench import machine_info
     from dgnb.io import atomic_write_json
@@ -137,7 +155,7 @@ def main() -> None:
     done = {(r["lever"], r["method"], r["seed"]) for r in records}
     for lever in a.levers:
         for seed in a.seeds:  # seed-major: a partial file already pairs ERM and MLDG
-            for m in METHODS:
+            for m in a.methods:
                 if (lever, m, seed) in done:
                     continue
                 t0 = time.perf_counter()
@@ -150,6 +168,36 @@ def main() -> None:
     summary = summarize(records)
     (out.with_suffix(".md")).write_text(markdown(summary) + "\n")
     print(markdown(summary))
+    if a.bench_out:
+        write_bench(records, a.levers[0], Path(a.bench_out))
+
+
+def write_bench(records: list[dict[str, Any]], lever: str, path: Path) -> None:
+    """The method comparison of `lever` in `dgnb bench`'s JSON format, scored as the quick preset scores
+    (final weights, all 300 val images per target), with paired intervals to ERM and Pin the Memory − MLDG.
+
+    The runs kept an EMA of their weights (which does not change training) and are scored here with their
+    final weights; `source_val_miou` is the runs' own metrics.json value (EMA weights)."""
+    from dgnb.analysis import compare_runs
+    from dgnb.engine.bench import machine_info
+    from dgnb.io import atomic_write_json
+
+    runs = []
+    for r in records:
+        if r["lever"] != lever:
+            continue
+        metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        runs.append({"method": r["method"], "seed": r["seed"], "preset": "quick", "scoring": "final weights, 300 img",
+                     "target_miou": {t: round(v, 2) for t, v in r["raw300"]["targets"].items()},
+                     "mean_target_miou": round(r["raw300"]["mean_target"], 2),
+                     "source_val_miou": metrics["source_val_miou"], "source_val_scoring": "EMA weights",
+                     "train_seconds": r["train_seconds"], "run_dir": r["run_dir"]})
+    comparisons = compare_runs(runs, "erm")
+    if {"mldg", "pinthemem"} <= {r["method"] for r in runs}:
+        comparisons["pinthemem vs mldg"] = compare_runs([r for r in runs if r["method"] != "erm"], "mldg")["pinthemem"]
+    atomic_write_json(path, {"preset": "quick", "machine": machine_info(), "runs": runs, "reference": "erm",
+                             "comparisons": comparisons})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
