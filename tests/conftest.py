@@ -57,3 +57,15 @@ def smoke_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """$DGNB_HOME for smoke-preset runs: the folder tests/test_notebooks.py uses, so the smoke city is generated
     once per session and runs trained by one test are cached for the others."""
     return tmp_path_factory.getbasetemp() / "dgnb_home"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and far faster than two when other jobs share the CPU).
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,12 +23,7 @@ METHODS = sorted(REGISTRY)
 MODEL = ModelConfig(head_channels=16, decoder_channels=16, low_proj=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def toy_batch(cls: type[Method], domains: int = 2, per_domain: int = 2, size=(32, 48)) -> dict[str, torch.Tensor]:

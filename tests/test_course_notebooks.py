@@ -24,12 +24,7 @@ from tests.conftest import toy_config
 MODEL = ModelConfig(head_channels=16, decoder_channels=16, low_proj=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 # ----- paired differences -------------------------------------------------------------------------

@@ -22,13 +22,7 @@ CPU = torch.device("cpu")
 MODEL = ModelConfig(head_channels=16, decoder_channels=16, low_proj=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run fastest on one thread, and 20x faster than two when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def make_method(name: str = "pinthemem", num_domains: int = 2, **hp) -> nn.Module:

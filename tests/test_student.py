@@ -16,12 +16,7 @@ GRADED = {"02_meta_learning": {"adapt_parameters", "mldg_gradient"},
           "03_pin_the_memory": {"memory_read", "memory_write", "cohesion_loss"}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
