@@ -15,11 +15,14 @@ from .models import Segmenter
 
 @torch.no_grad()
 def channel_statistics(model: Segmenter, images: torch.Tensor, stage: str = "stem") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image channel mean μ and std σ of the `stage` features, each (B, C): what IN removes."""
+    """Per-image channel mean μ and std σ of the `stage` features, each (B, C): what IN removes
+    (`dgnb.models.style.channel_stats`)."""
+    from .models.style import channel_stats
+
     model.eval()
     stages, _ = model.encode(images.to(next(model.parameters()).device))
-    f = stages[stage].float()
-    return f.mean(dim=(2, 3)).cpu(), f.std(dim=(2, 3)).cpu()
+    mu, sigma = channel_stats(stages[stage])
+    return mu.cpu(), sigma.cpu()
 
 
 def style_statistics(model: Segmenter, images_by_domain: Mapping[str, torch.Tensor], stage: str = "stem"):
