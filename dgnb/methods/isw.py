@@ -187,11 +187,12 @@ class ISW(Method):
         return torch.stack(losses).mean()
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        whiten = self.mask_ready and self.hp.isw_weight > 0  # from the first iteration after the warm-up
         self.select_mask_step(batch["image"])
         with self.autocast():
             out = self.model(batch["image"], return_stages=True)
         loss, terms = segmentation_loss(out, batch["label"], self.hp.aux_weight)
-        if self.mask_ready and self.hp.isw_weight > 0:
+        if whiten:
             wt = self.whitening_loss(out.stages)
             loss = loss + self.hp.isw_weight * wt
             terms["isw"] = wt.item()
