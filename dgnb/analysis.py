@@ -74,6 +74,26 @@ def severity_sweep(method, domain: str, knob: str, severities: Sequence[int] = r
     return out
 
 
+def severity_curves(methods: Mapping[str, Any], domain: str, knobs: Sequence[str], severities: Sequence[int] = range(6),
+                    n: int = 24, size: tuple[int, int] = (128, 256), split: str = "val", seed: int = 0
+                    ) -> dict[str, dict[str, dict[int, float]]]:
+    """`severity_sweep` for several methods at once, each severity rendered once and shared by the methods:
+    {knob: {method label: {severity: mIoU}}}."""
+    from .data.city import DOMAINS, render
+
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for knob in knobs:
+        out[knob] = {label: {} for label in methods}
+        for s in severities:
+            dom = DOMAINS[domain].with_knobs(**{knob: s})
+            renders = [render(dom, split, i, seed=seed, size=size) for i in range(n)]
+            images = image_tensor([r.image for r in renders])
+            labels = torch.from_numpy(np.stack([r.label for r in renders]).astype(np.int64))
+            for label, method in methods.items():
+                out[knob][label][int(s)] = round(miou_of(predict_labels(method, images), labels), 2)
+    return out
+
+
 # ----- comparing methods: paired differences over seeds ------------------------------------------
 def t_quantile(confidence: float, dof: int) -> float:
     """Two-sided Student-t critical value t_{(1+confidence)/2, dof}."""
