@@ -123,7 +123,8 @@ results = pd.DataFrame(rows).T
 results
 
 # %% [markdown]
-# One seed, one number per cell: differences of a point or two are within the seed-to-seed spread
+# All three style methods gain on `near`, `far_texture` and `far_fog` and none on `geometric`. One seed,
+# one number per cell: differences of a point or two are within the seed-to-seed spread
 # (notebook 02 measures it; `dgnb bench --methods erm,ibn,isw,spc --seeds 0 1 2 3 4` gives intervals).
 # Read the `geometric` column as the control: its shift is the camera, not the style.
 
@@ -138,8 +139,8 @@ stats = {stage: {d: channel_statistics(erm.model, images[d], stage) for d in nam
 style_distribution_figure(stats, channels=4)
 
 # %% [markdown]
-# Each domain occupies its own band of μ and σ on these channels, and the targets (`far_texture`,
-# `far_fog`) fall partly outside the sources' bands: the statistics identify the domain.
+# Each domain occupies its own band of μ and σ on these channels, and the unseen domains often fall
+# outside the three sources' bands: a few statistics per channel identify the domain.
 
 # %% [markdown]
 # The same statistics averaged over channels, as densities (what a global brightness/contrast change moves):
@@ -148,8 +149,8 @@ style_distribution_figure(stats, channels=4)
 style_distribution_figure(stats, kind="kde")
 
 # %% [markdown]
-# The channel-averaged densities overlap much more than single channels do: style is spread over
-# channels, which is why the methods act on every channel's μ and σ rather than on a global scalar.
+# Averaged over channels, several domains overlap (near with source_c, far_texture with source_a):
+# style is spread over channels, so the methods act on every channel's μ and σ, not on a global scalar.
 
 # %% [markdown]
 # ## 3. SPC, part 1: style projection
@@ -173,17 +174,20 @@ style_distribution_figure(stats, kind="kde")
 # %%
 spc = methods["SPC"]
 read = {d: spc.style_readout(images[d]) for d in names}
-lam = read[targets[0]]["layer1.lambda"]
-print(f"λ of the first {targets[0]} images at layer1 (rows sum to 1):\n", lam[:3].numpy().round(3))
-base_mu, base_sigma = spc.style_bases["layer1"]
-mu_p = read[targets[0]]["layer1.mu_proj"]
+for stage in ("stem", "layer1"):
+    print(f"{stage}: d of the first two {targets[0]} images", read[targets[0]][f"{stage}.d"][:2].numpy().round(3).tolist(),
+          "-> λ", read[targets[0]][f"{stage}.lambda"][:2].numpy().round(3).tolist())
+lam = read[targets[0]]["stem.lambda"]
+base_mu, base_sigma = spc.style_bases["stem"]
+mu_p = read[targets[0]]["stem.mu_proj"]
 inside = ((mu_p >= base_mu.min(0).values.cpu() - 1e-5) & (mu_p <= base_mu.max(0).values.cpu() + 1e-5)).all()
 assert torch.allclose(lam.sum(1), torch.ones(len(lam))) and bool(inside)
 
 # %% [markdown]
-# Each row is one image's weights over the three source bases; they are fairly flat, because
-# $1/(1+d)$ lies in (0, 1] and a softmax of numbers that close is never sharp: every unseen style is
-# pulled toward the *middle* of the sources' styles, not onto one of them.
+# The weights are flat at the stem and uniform at layer1: $1/(1+d)$ lies in (0, 1], so a softmax over
+# three such numbers can give one base at most $e/(e+2) \approx 0.58$; and layer1 sees the output of
+# the stem's projection, whose styles are already nearly alike (d ≈ 0.01). Every style is pulled toward
+# the *middle* of the sources' styles, not onto one of them.
 
 # %% [markdown]
 # The per-image style vectors $[\mu, \sigma]$ reduced to two dimensions, coloured by domain (circles:
@@ -207,7 +211,8 @@ style_space_figure(maps, roles)
 
 # %% [markdown]
 # Before the projection the domains form separate clouds and the unseen ones lie away from the stars;
-# after it every image sits inside the triangle of the three bases, as the poster's distribution plot shows.
+# after it every image, source or unseen, sits at nearly the same point inside the triangle of the
+# bases: with flat λ the projection replaces each style by close to the mean of the source styles.
 
 # %% [markdown]
 # The same with t-SNE (a non-linear map: distances are only meaningful locally):
@@ -218,8 +223,8 @@ tsne_maps = {f"{stage} (t-SNE)": style_map(style_vectors(stage, False), style_ve
 style_space_figure(tsne_maps, roles)
 
 # %% [markdown]
-# t-SNE keeps the domains' clusters apart before the projection, and after it the projected styles
-# collapse into one connected region around the bases.
+# t-SNE separates the domains before the projection; after it, the remaining differences between
+# projected styles are tiny (t-SNE magnifies them into a thin curve) and the domains overlap along it.
 
 # %% [markdown]
 # ## 4. SPC, part 2: semantic clustering
@@ -262,13 +267,13 @@ semantic_tsne_figure(emb, cls, dom, spc.semantic_bases.cpu())
 
 # %%
 isw = methods["ISW"]
-pair = {d: isw.covariances(images[d][:1]) for d in (sources[0], targets[1])}
+pair = {d: isw.covariances(images[d][:1]) for d in (sources[0], "far_fog" if "far_fog" in targets else targets[0])}
 stage = "layer1"
 covariance_figure({f"{d} ({stage})": pair[d][stage][0] for d in pair}, isw.masks()[stage].cpu())
 
 # %% [markdown]
 # After standardization the diagonal is 1 in both images, but the off-diagonal pattern differs between
-# the source and the foggy target; the mask (black) marks the pairs ISW drives toward zero.
+# the source and the unseen image; the mask (black) marks the few pairs ISW drives toward zero.
 
 # %%
 holder = isw.whitening[stage]
@@ -291,8 +296,9 @@ curves = severity_curves(methods, "source_a", knobs, n=n_sweep, size=sizes)
 severity_figure(curves, geometric=["camera_height"])
 
 # %% [markdown]
-# Where a method's curve stays flatter than ERM's, it absorbs that knob; no normalization method helps
-# with the camera height, whose change is in the layout, which the statistics do not describe.
+# All three style methods flatten the contrast and cast curves and halve the fog loss, none of them
+# fixes a large hue rotation, texture hardly matters to any, and the camera-height curves coincide: a
+# change of layout is not in the statistics these methods act on.
 
 # %%
 drop = pd.DataFrame({knob: {m: per[0] - per[max(per)] for m, per in curves[knob].items()} for knob in knobs})
@@ -321,16 +327,16 @@ except ValueError as e:
 
 # %% [markdown]
 # ## 8. Explorer
-# Choose an unseen-domain image: SPC's λ over its style bases at layer1, the image's style vector on the
-# PCA map of §3 before (circle) and after (diamond) the projection, and the four predictions.
+# Choose an unseen-domain image: SPC's λ over its style bases at the stem, the image's style vector on
+# the PCA map of §3 before (circle) and after (diamond) the projection, and the four predictions.
 
 # %%
-plane = style_map(style_vectors("layer1", False), None, bases_of("layer1"), "pca")
+plane = style_map(style_vectors("stem", False), None, bases_of("stem"), "pca")
 style_explorer(methods, spc, {d: images[d] for d in targets}, {d: labels[d] for d in targets}, plane)
 
 # %% [markdown]
 # Move through `far_fog` images: λ barely changes from image to image, the arrow always ends near the
-# centre of the stars, and whether SPC's prediction beats ERM's depends on how much of the error was style.
+# middle of the stars, and the four predictions differ most on the distant, hazy part of the street.
 
 # %% [markdown]
 # ## Exercises

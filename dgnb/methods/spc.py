@@ -53,7 +53,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..data.taxonomy import IGNORE_INDEX
-from ..models.style import StageTransform, adain, broadcast_, channel_stats, ema_toward_group_means, kmeans
+from ..models.style import (StageTransform, adain, all_reduce_sum_, broadcast_, channel_stats, ema_toward_group_means,
+                            kmeans)
 from .base import Method, register
 
 DISTANCES = ("was", "abs")
@@ -350,8 +351,9 @@ class SPC(Method):
         """(B, M) weights of each image in the semantic bases' groups: its source domain, or with k-means
         bases its nearest style base at the first projection (all bases before the k-means has run)."""
         if self.base_source == "domains" or not self.projections:
-            return F.one_hot(domains, self.semantic_base_count).float() if self.semantic_base_count > 1 else \
-                torch.ones(len(domains), 1, device=domains.device)
+            if self.semantic_base_count == 1:
+                return torch.ones(len(domains), 1, device=domains.device)
+            return F.one_hot(domains, self.semantic_base_count).float()
         first = next(iter(self.projections))
         d = out.stages.get(f"{first}.d")
         if d is None:
@@ -402,8 +404,6 @@ class SPC(Method):
         for stage, projection in self.projections.items():
             projection.update(out.stages[f"{stage}.mu"], out.stages[f"{stage}.sigma"], assign)
         if sums is not None:
-            from ..models.style import all_reduce_sum_
-
             all_reduce_sum_(sums, counts)
             update_semantic_bases(self.semantic_bases, sums, counts, self.hp.proto_momentum)
 

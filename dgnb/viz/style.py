@@ -132,7 +132,7 @@ def style_space_figure(maps: Mapping[str, Mapping[str, Any]], roles: Mapping[str
     rows = list(maps)
     names = list(next(iter(maps.values()))["before"])
     colours = _domain_colours(names)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.8 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.2 * len(rows)), squeeze=False)
     for r, key in enumerate(rows):
         m = maps[key]
         _scatter_map(axes[r, 0], m["before"], m["bases"], colours, roles)
@@ -150,8 +150,9 @@ def style_space_figure(maps: Mapping[str, Mapping[str, Any]], roles: Mapping[str
                 ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
         else:
             axes[r, 1].axis("off")
-    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(2.22, 1.0), frameon=False)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     plt.close(fig)
     return fig
 
@@ -216,12 +217,14 @@ def covariance_figure(covs: Mapping[str, torch.Tensor], mask: torch.Tensor | Non
     """|Σ| of one image per domain (clamped to 1, RobustNet's picture), and the selected ISW mask."""
     panels = list(covs.items()) + ([("selected mask S (style-sensitive pairs)", mask)] if mask is not None else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), squeeze=False)
-    for ax, (title, m) in zip(axes[0], panels):
-        im = ax.imshow(m.abs().clamp(max=1).numpy(), cmap="magma" if "mask" not in title else "Greys", vmin=0, vmax=1)
-        ax.set_title(title if "mask" in title else f"|Σ| {title}", fontsize=9)
+    for k, (ax, (title, m)) in enumerate(zip(axes[0], panels)):
+        is_mask = mask is not None and k == len(panels) - 1
+        shown = ax.imshow(m.abs().clamp(max=1).numpy(), cmap="Greys" if is_mask else "magma", vmin=0, vmax=1)
+        if not is_mask:
+            im = shown
+        ax.set_title(title if is_mask else f"|Σ| {title}", fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
-    fig.colorbar(im, ax=axes[0, :-1].tolist() if mask is not None and len(panels) > 1 else axes[0].tolist(),
-                 shrink=0.8)
+    fig.colorbar(im, ax=axes[0, : len(covs)].tolist(), shrink=0.8, label="|covariance| (clamped to 1)")
     plt.close(fig)
     return fig
 
@@ -241,6 +244,9 @@ def variance_histogram_figure(variance: torch.Tensor, centres: torch.Tensor, mas
     for b in cluster_boundaries(centres[centres != 0] if (centres != 0).sum() > 1 else centres).numpy():
         ax.axvline(b, color="black", ls="--", lw=1)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("variance of the covariance entry under a photometric change")
     ax.set_ylabel("channel pairs")
     ax.set_title(f"ISW {stage}: {int(sel.sum())} of {len(v)} pairs selected; dashed: k-means boundaries", fontsize=9)
@@ -274,7 +280,7 @@ def severity_figure(curves: Mapping[str, Mapping[str, Mapping[int, float]]], geo
 
 def style_explorer(methods: Mapping[str, Any], spc, images_by_domain: Mapping[str, torch.Tensor],
                    labels_by_domain: Mapping[str, torch.Tensor], style_plane: Mapping[str, Any],
-                   stage: str = "layer1") -> widgets.Widget:
+                   stage: str = "stem") -> widgets.Widget:
     """Choose an unseen-domain image: SPC's λ over the style bases at `stage`, the image's style vector
     before and after the projection on the 2-D style map (`style_plane`: a PCA `style_map` of that stage),
     and the predictions of every method in `methods` (label -> method) next to the ground truth."""
@@ -298,12 +304,13 @@ def style_explorer(methods: Mapping[str, Any], spc, images_by_domain: Mapping[st
         for name, m in methods.items():
             with torch.no_grad():
                 preds[name] = m.predict(image.to(next(m.parameters()).device)).argmax(1)[0].cpu().numpy()
-        fig = plt.figure(figsize=(3.2 * (len(methods) + 2), 6.4))
+        fig = plt.figure(figsize=(3.2 * (len(methods) + 2), 5.4))
         grid = fig.add_gridspec(2, len(methods) + 2)
         ax = fig.add_subplot(grid[0, 0])
         ax.bar(range(len(lam)), lam, color="gold", edgecolor="black")
         ax.set_title(f"λ over the {len(lam)} style bases ({stage})", fontsize=9)
         ax.set_xlabel("style base")
+        ax.set_xticks(range(len(lam)))
         ax.set_ylim(0, 1)
         ax = fig.add_subplot(grid[0, 1:3])
         _scatter_map(ax, style_plane["before"], style_plane["bases"], colours)
@@ -315,9 +322,7 @@ def style_explorer(methods: Mapping[str, Any], spc, images_by_domain: Mapping[st
         ax.set_title("its style vector on the map (PCA of the sources' and targets' styles)", fontsize=9)
         pictures = [("image", img), ("ground truth", overlay(img, label))] + [(n, overlay(img, p)) for n, p in preds.items()]
         for k, (title, pic) in enumerate(pictures):
-            ax = fig.add_subplot(grid[1, k]) if k < len(methods) + 2 else None
-            if ax is None:
-                break
+            ax = fig.add_subplot(grid[1, k])
             ax.imshow(pic)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
