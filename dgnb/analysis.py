@@ -15,11 +15,14 @@ from .models import Segmenter
 
 @torch.no_grad()
 def channel_statistics(model: Segmenter, images: torch.Tensor, stage: str = "stem") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image channel mean μ and std σ of the `stage` features, each (B, C): what IN removes."""
+    """Per-image channel mean μ and std σ of the `stage` features, each (B, C): what IN removes
+    (`dgnb.models.style.channel_stats`)."""
+    from .models.style import channel_stats
+
     model.eval()
     stages, _ = model.encode(images.to(next(model.parameters()).device))
-    f = stages[stage].float()
-    return f.mean(dim=(2, 3)).cpu(), f.std(dim=(2, 3)).cpu()
+    mu, sigma = channel_stats(stages[stage])
+    return mu.cpu(), sigma.cpu()
 
 
 def style_statistics(model: Segmenter, images_by_domain: Mapping[str, torch.Tensor], stage: str = "stem"):
@@ -68,6 +71,26 @@ def severity_sweep(method, domain: str, knob: str, severities: Sequence[int] = r
         images = image_tensor([r.image for r in renders])
         labels = torch.from_numpy(np.stack([r.label for r in renders]).astype(np.int64))
         out[int(s)] = round(miou_of(predict_labels(method, images), labels), 2)
+    return out
+
+
+def severity_curves(methods: Mapping[str, Any], domain: str, knobs: Sequence[str], severities: Sequence[int] = range(6),
+                    n: int = 24, size: tuple[int, int] = (128, 256), split: str = "val", seed: int = 0
+                    ) -> dict[str, dict[str, dict[int, float]]]:
+    """`severity_sweep` for several methods at once, each severity rendered once and shared by the methods:
+    {knob: {method label: {severity: mIoU}}}."""
+    from .data.city import DOMAINS, render
+
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for knob in knobs:
+        out[knob] = {label: {} for label in methods}
+        for s in severities:
+            dom = DOMAINS[domain].with_knobs(**{knob: s})
+            renders = [render(dom, split, i, seed=seed, size=size) for i in range(n)]
+            images = image_tensor([r.image for r in renders])
+            labels = torch.from_numpy(np.stack([r.label for r in renders]).astype(np.int64))
+            for label, method in methods.items():
+                out[knob][label][int(s)] = round(miou_of(predict_labels(method, images), labels), 2)
     return out
 
 

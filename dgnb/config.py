@@ -298,6 +298,7 @@ CHECKS: dict[str, Rule] = {
     "model.aspp_rates": _seq(_int(1)),
     "model.aux": BOOL,
     "model.num_classes": _int(1),
+    "model.ibn": _choice("none", "a", "b"),
     "model.feature_dropout": Rule(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
                                   "a probability in [0, 1)"),
     "optim.lr": _num(0, lo_open=True),

@@ -12,7 +12,8 @@ The notebooks build their configurations with the functions below (`erm_run`, `m
 - notebook 03 (Pin the Memory), section 7: ERM, MLDG and Pin the Memory;
 - notebook 03, section 12: the Pin the Memory ablations (Tables 5-7) on a short budget,
   `ABLATION_ITERATIONS` iterations evaluated on `ABLATION_EVAL_LIMIT` images per domain (the whole
-  preset on `smoke`), all variants but the second-order one.
+  preset on `smoke`), all variants but the second-order one;
+- notebook 04 (style): ERM, IBN-Net, ISW and SPC (`style_runs`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .config import RunConfig, preset
 
 #: Notebook 03's comparison (section 7): table label -> method.
 NOTEBOOK_METHODS = {"ERM": "erm", "MLDG": "mldg", "Pin the Memory": "pinthemem"}
+#: Notebook 04's comparison: table label -> method.
+STYLE_METHODS = {"ERM": "erm", "IBN-Net": "ibn", "ISW": "isw", "SPC": "spc"}
 #: Budget of each short ablation row of notebook 03 (section 12) on presets other than smoke.
 ABLATION_ITERATIONS = 150
 ABLATION_EVAL_LIMIT = 50
@@ -37,7 +40,8 @@ SKIPPED_ABLATIONS = ("second order (paper)",)
 #: Wall seconds of one whole quick-preset run (1,200 iterations, periodic validation, final evaluation on
 #: 7 domains) on the reference machine (2 CPU cores), by method; used for the estimate only and filled in
 #: by measurement (README, "Preparing a lab"). A method missing here counts as the slowest one listed.
-QUICK_RUN_SECONDS: dict[str, float] = {"erm": 100.0, "mldg": 110.0, "pinthemem": 170.0}
+QUICK_RUN_SECONDS: dict[str, float] = {"erm": 100.0, "mldg": 110.0, "pinthemem": 170.0, "ibn": 105.0, "isw": 115.0,
+                                       "spc": 135.0}
 QUICK_ITERATIONS = 1200
 #: Of a quick run's seconds, the part that does not scale with iterations (final evaluation, 300 images per
 #: domain; it scales with the images evaluated instead).
@@ -55,6 +59,11 @@ def erm_run(preset_name: str = "quick", seed: int = 0) -> RunConfig:
 def method_runs(preset_name: str = "quick", seed: int = 0) -> dict[str, RunConfig]:
     """Notebook 03, section 7: label -> configuration of ERM, MLDG and Pin the Memory."""
     return {label: preset(preset_name, method, seed) for label, method in NOTEBOOK_METHODS.items()}
+
+
+def style_runs(preset_name: str = "quick", seed: int = 0) -> dict[str, RunConfig]:
+    """Notebook 04: label -> configuration of ERM, IBN-Net, ISW and SPC (each method's defaults)."""
+    return {label: preset(preset_name, method, seed) for label, method in STYLE_METHODS.items()}
 
 
 def ablation_overrides(preset_name: str) -> dict[str, Any]:
@@ -91,6 +100,7 @@ def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
     candidates += [CourseRun("03_pin_the_memory", label, cfg) for label, cfg in method_runs(preset_name, seed).items()]
     candidates += [CourseRun("03_pin_the_memory", f"ablation: {v}", cfg)
                    for v, cfg in ablation_runs(preset_name, seed).items()]
+    candidates += [CourseRun("04_style", label, cfg) for label, cfg in style_runs(preset_name, seed).items()]
     plan: dict[Path, CourseRun] = {}
     for item in candidates:
         first = plan.setdefault(run_dir(item.config), item)

@@ -3,6 +3,10 @@
 torchvision's ResNets supply the blocks and the weights; `resnet_tiny` is a narrow ResNet built
 from the same torchvision `BasicBlock` so that every method runs unchanged on 2 CPU cores.
 Output stride 8 or 16 is reached by dilating the last stage(s) instead of striding (DeepLab).
+
+Style methods extend the backbone in two documented ways (`dgnb.models.style`): a `StageTransform`
+inserted after a named stage with `insert_transform` (its by-products come back in the stage dict as
+`"<stage>.<name>"`), and the IBN-Net variants selected by `ModelConfig.ibn` (`build_backbone(..., ibn=)`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from typing import Callable
 import torch
 from torch import nn
 from torchvision.models import resnet
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock
 
 from ..errors import DgnbError
+from .style import StageTransform, apply_ibn, block_channels
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
@@ -35,7 +40,11 @@ def _dilate_stage(layer: nn.Sequential, dilation: int, previous: int) -> None:
 
 
 class ResNetBackbone(nn.Module):
-    """Stages of a ResNet; `forward` returns the dict of all five stage outputs."""
+    """Stages of a ResNet; `forward` returns the dict of all five stage outputs.
+
+    Transforms inserted with `insert_transform(stage, transform)` run right after their stage; their
+    by-products join the dict as `"<stage>.<name>"` (e.g. `"layer1.lambda"`).
+    """
 
     def __init__(self, net: resnet.ResNet, output_stride: int = 16) -> None:
         super().__init__()
@@ -51,20 +60,42 @@ class ResNetBackbone(nn.Module):
         self.output_stride = output_stride
         self.channels = {
             "stem": net.conv1.out_channels,
-            **{name: _out_channels(getattr(self, name)) for name in STAGES[1:]},
+            **{name: block_channels(getattr(self, name)[-1]) for name in STAGES[1:]},
         }
+        self.transforms = nn.ModuleDict()  # stage name -> StageTransform run after that stage
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = {}
-        for name in STAGES:
+    def insert_transform(self, stage: str, transform: StageTransform) -> StageTransform:
+        """Run `transform` on the output of `stage` (one of STAGES); what it returns flows into the next stage.
+
+        One transform per stage; an unknown stage or a second transform at the same stage is an error."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r} for a stage transform; valid stages: {', '.join(STAGES)}")
+        if stage in self.transforms:
+            raise ValueError(f"stage {stage!r} already has a transform ({type(self.transforms[stage]).__name__}); "
+                             "combine both into one StageTransform, or insert the second at another stage")
+        if not isinstance(transform, StageTransform):
+            raise TypeError(f"a stage transform must subclass dgnb.models.style.StageTransform, got "
+                            f"{type(transform).__name__}")
+        if transform.expose not in ("output", "input"):
+            raise ValueError(f"StageTransform.expose must be 'output' or 'input', got {transform.expose!r}")
+        self.transforms[stage] = transform
+        return transform
+
+    def forward(self, x: torch.Tensor, until: str = "layer4") -> dict[str, torch.Tensor]:
+        """Stage outputs by name (up to and including `until`), plus the transforms' by-products."""
+        if until not in STAGES:
+            raise ValueError(f"unknown stage {until!r}; valid stages: {', '.join(STAGES)}")
+        feats: dict[str, torch.Tensor] = {}
+        for name in STAGES[: STAGES.index(until) + 1]:
             x = getattr(self, name)(x)
             feats[name] = x
+            if name in self.transforms:
+                transform = self.transforms[name]
+                x, extra = transform(x)
+                if transform.expose == "output":
+                    feats[name] = x
+                feats.update({f"{name}.{k}": v for k, v in extra.items()})
         return feats
-
-
-def _out_channels(layer: nn.Sequential) -> int:
-    last = layer[-1]
-    return (last.bn3 if isinstance(last, Bottleneck) else last.bn2).num_features
 
 
 class TinyResNet(resnet.ResNet):
@@ -96,22 +127,24 @@ _TORCHVISION: dict[str, tuple[Callable[..., resnet.ResNet], object]] = {
 BACKBONES = ("resnet_tiny", *_TORCHVISION)
 
 
-def build_backbone(name: str, output_stride: int = 16, pretrained: bool = False) -> ResNetBackbone:
-    """Build a backbone by name; `pretrained=True` loads torchvision's ImageNet weights (needs them cached)."""
+def build_backbone(name: str, output_stride: int = 16, pretrained: bool = False, ibn: str = "none"
+                   ) -> ResNetBackbone:
+    """Build a backbone by name; `pretrained=True` loads torchvision's ImageNet weights (needs them cached);
+    `ibn` = "a" or "b" makes it an IBN-Net (`dgnb.models.style.apply_ibn`, initialised from those weights)."""
     if name == "resnet_tiny":
         if pretrained:
             raise ValueError("resnet_tiny has no pretrained weights; use pretrained=False.")
-        return ResNetBackbone(TinyResNet(), output_stride)
+        return ResNetBackbone(apply_ibn(TinyResNet(), ibn), output_stride)
     if name not in _TORCHVISION:
         raise ValueError(f"unknown backbone '{name}'; choose one of {BACKBONES}")
     fn, weights = _TORCHVISION[name]
     if not pretrained:
-        return ResNetBackbone(fn(weights=None), output_stride)
+        return ResNetBackbone(apply_ibn(fn(weights=None), ibn), output_stride)
     try:
         net = fn(weights=weights)
     except (OSError, RuntimeError) as e:  # offline (URLError is an OSError), a proxy, or a truncated download
         raise WeightsUnavailableError(_weights_help(name, weights.url, e)) from e
-    return ResNetBackbone(net, output_stride)
+    return ResNetBackbone(apply_ibn(net, ibn), output_stride)
 
 
 class WeightsUnavailableError(DgnbError):

@@ -32,6 +32,7 @@ class DeepLabV3PlusHead(nn.Module):
         super().__init__()
         dec = decoder_channels or channels
         self.feature_channels = channels
+        self.decoder_channels = dec  # channels of decode_features
         self.aspp = ASPP(in_channels, list(rates), channels)
         self.aspp.project[-1] = nn.Identity()  # torchvision's Dropout(0.5): moved to the start of decode
         self.feature_dropout = nn.Dropout(feature_dropout)
@@ -43,13 +44,19 @@ class DeepLabV3PlusHead(nn.Module):
         """F = bot_aspp(ASPP(layer4)), (B, channels, H/os, W/os), without dropout."""
         return self.aspp(stages["layer4"])
 
-    def decode(self, features: torch.Tensor, stages: dict[str, torch.Tensor], dropout: bool = True) -> torch.Tensor:
-        """Class scores at stride 4 from F: dropout(F) (if `dropout`) -> upsample, concat the low-level skip -> convs."""
+    def decode_features(self, features: torch.Tensor, stages: dict[str, torch.Tensor], dropout: bool = True
+                        ) -> torch.Tensor:
+        """The decoder's last feature map at stride 4 (before the classifier): dropout(F) (if `dropout`) ->
+        upsample, concat the low-level skip -> convs. SPC's semantic clustering acts on it."""
         if dropout:
             features = self.feature_dropout(features)
         low = self.low_proj(stages["layer1"])
         up = nn.functional.interpolate(features, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        return self.classifier(self.decoder(torch.cat([up, low], dim=1)))
+        return self.decoder(torch.cat([up, low], dim=1))
+
+    def decode(self, features: torch.Tensor, stages: dict[str, torch.Tensor], dropout: bool = True) -> torch.Tensor:
+        """Class scores at stride 4 from F: the classifier on `decode_features`."""
+        return self.classifier(self.decode_features(features, stages, dropout))
 
 
 class ASPPV2Classifier(nn.Module):
@@ -69,11 +76,17 @@ class DeepLabV2Head(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, rates: tuple[int, ...] = (6, 12, 18, 24)) -> None:
         super().__init__()
         self.feature_channels = in_channels
+        self.decoder_channels = in_channels
         self.classifier = ASPPV2Classifier(in_channels, num_classes, rates)
 
     def encode(self, stages: dict[str, torch.Tensor]) -> torch.Tensor:
         """F = layer4 output (the v2 classifier maps it straight to class scores)."""
         return stages["layer4"]
+
+    def decode_features(self, features: torch.Tensor, stages: dict[str, torch.Tensor], dropout: bool = True
+                        ) -> torch.Tensor:
+        """No decoder: the classifier acts on F itself."""
+        return features
 
     def decode(self, features: torch.Tensor, stages: dict[str, torch.Tensor], dropout: bool = True) -> torch.Tensor:
         return self.classifier(features)

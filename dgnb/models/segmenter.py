@@ -31,6 +31,7 @@ class ModelConfig:
     feature_dropout: float = 0.5  # DeepLab-v3+: dropout on F at the start of the decoder (torchvision's ASPP value)
     aux: bool = True
     num_classes: int = NUM_CLASSES
+    ibn: str = "none"  # IBN-Net variant of the backbone: none, a (IBN-a) or b (IBN-b); dgnb.models.style.apply_ibn
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Segmenter(nn.Module):
         if cfg.head not in HEADS:
             raise ValueError(f"unknown head '{cfg.head}'; choose one of {HEADS}")
         self.cfg = cfg
-        self.backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.pretrained)
+        self.backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.pretrained, cfg.ibn)
         ch = self.backbone.channels
         if cfg.head == "deeplabv3plus":
             self.head: nn.Module = DeepLabV3PlusHead(
