@@ -31,6 +31,7 @@ class ModelConfig:
     feature_dropout: float = 0.5  # DeepLab-v3+: dropout on F at the start of the decoder (torchvision's ASPP value)
     aux: bool = True
     num_classes: int = NUM_CLASSES
+    disc_channels: int = 64  # width of the first conv of the output-space discriminators (UDA; the papers' 64)
 
 
 @dataclass
