@@ -47,7 +47,9 @@ def memory_regularization(main_logits: torch.Tensor, aux_logits: torch.Tensor, f
 
     paper (Eq. 5): KL(P_a ‖ P_p) + KL(P_p ‖ P_a), both heads pulled toward each other;
     code: KL(p̄ ‖ P_p) + KL(p̄ ‖ P_a) with p̄ = softmax(z_p + a z_a) detached, each head pulled toward the
-    fixed fused prediction. `dgnb.methods.uda.kl_divergence(target, pred)` is KL(target ‖ pred)."""
+    fixed fused prediction. The code fuses logits, so p̄ is sharper than either head even when they agree
+    (softmax(1.5 z) for z_p = z_a = z): that form also lowers the entropy. `dgnb.methods.uda.kl_divergence(
+    target, pred)` is KL(target ‖ pred)."""
     log_p, log_a = F.log_softmax(main_logits.float(), 1), F.log_softmax(aux_logits.float(), 1)
     if form == "paper":
         return (kl_divergence(log_a, log_p) + kl_divergence(log_p, log_a)).mean()
@@ -73,7 +75,7 @@ class MRNet(AdaptationMethod):
         adv_weight_aux: float = 0.0002  # L_adv^a
         gan: str = "lsgan"              # the code's least-squares GAN (the paper writes the log loss)
         disc_lr: float = 1e-4           # Adam, β = (0.9, 0.99)
-        gradient_penalty: float = 0.01  # on the discriminators' source inputs (code); 0: off
+        gradient_penalty: float = 0.0   # on the discriminators' source inputs: 0 (paper), 0.01 (code)
         mr_weight: float = 0.1          # λ_mr
         mr_form: str = "paper"          # paper (symmetric KL) | code (KL to the detached fused prediction)
         mr_start: float = 0.4           # L_mr from this fraction of Stage I on (paper 10k/25k; code 15k/25k)

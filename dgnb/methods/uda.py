@@ -60,13 +60,14 @@ def generator_adversarial_loss(disc: nn.Module, target_probs: torch.Tensor, kind
     return gan_loss(disc(target_probs), SOURCE_LABEL, kind)
 
 
-def gradient_penalty(disc: nn.Module, probs: torch.Tensor) -> torch.Tensor:
-    """Σ over pixels and classes of the squared gradient of Σ D(x) w.r.t. the input x, averaged over the batch
-    (MRNet's code regularises D on real inputs with 0.01 times this)."""
-    x = probs.detach().requires_grad_(True)
-    out = sum(o.sum() for o in disc(x))
-    (grad,) = torch.autograd.grad(out, x, create_graph=True)
-    return grad.pow(2).flatten(1).sum(1).mean()
+def gradient_penalty(inputs: torch.Tensor, outputs: Sequence[torch.Tensor], rows: int | None = None) -> torch.Tensor:
+    """Σ over pixels and classes of the squared gradient of Σ D(x) w.r.t. the input x, averaged over the first
+    `rows` images (all by default); `inputs` must require grad and `outputs` = D(inputs). MRNet's code
+    regularises its discriminators on the source ("real") inputs with 0.01 times this."""
+    rows = len(inputs) if rows is None else rows
+    total = sum(o[:rows].float().sum() for o in outputs)
+    (grad,) = torch.autograd.grad(total, inputs, create_graph=True)
+    return grad[:rows].float().pow(2).flatten(1).sum(1).mean()
 
 
 def entropy_map(probs: torch.Tensor, eps: float = 1e-30) -> torch.Tensor:
@@ -164,15 +165,18 @@ class AdaptationMethod(Method):
         total = 0.0
         with self.autocast():
             for level, disc in self.discriminators.items():
-                out_s, out_t = disc(source_probs[level].detach()), disc(target_probs[level].detach())
+                n = len(source_probs[level])  # one forward over both domains (the network has no normalisation)
+                x = torch.cat([source_probs[level], target_probs[level]]).detach().requires_grad_(penalty > 0)
+                outs = disc(x)
+                out_s, out_t = [o[:n] for o in outs], [o[n:] for o in outs]
                 loss = discriminator_loss(out_s, out_t, kind)
                 if penalty > 0:
-                    loss = loss + penalty * gradient_penalty(disc, source_probs[level])
+                    loss = loss + penalty * gradient_penalty(x, outs, rows=n)
                 total = total + loss
                 squash = torch.sigmoid if kind == "bce" else (lambda x: x)
                 logs[f"d_source_{level}"] = float(squash(out_s[0].detach().float()).mean())
                 logs[f"d_target_{level}"] = float(squash(out_t[0].detach().float()).mean())
         self.backward(total)
         self.step("disc")
-        logs["d_loss"] = float(total)
+        logs["d_loss"] = float(total.detach())
         return logs
