@@ -12,7 +12,10 @@ The notebooks build their configurations with the functions below (`erm_run`, `m
 - notebook 03 (Pin the Memory), section 7: ERM, MLDG and Pin the Memory;
 - notebook 03, section 12: the Pin the Memory ablations (Tables 5-7) on a short budget,
   `ABLATION_ITERATIONS` iterations evaluated on `ABLATION_EVAL_LIMIT` images per domain (the whole
-  preset on `smoke`), all variants but the second-order one.
+  preset on `smoke`), all variants but the second-order one;
+- notebook 05 (adaptation): source only, AdaptSegNet and MinEnt in the UDA setting on `UDA_PAIR`;
+- notebook 06 (MRNet): MRNet (Stages I and II) on the same pair, and the λ_mr sweep on a short budget
+  (`MR_SWEEP_ITERATIONS`, Stage I only).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ SKIPPED_ABLATIONS = ("second order (paper)",)
 #: Wall seconds of one whole quick-preset run (1,200 iterations, periodic validation, final evaluation on
 #: 7 domains) on the reference machine (2 CPU cores), by method; used for the estimate only and filled in
 #: by measurement (README, "Preparing a lab"). A method missing here counts as the slowest one listed.
-QUICK_RUN_SECONDS: dict[str, float] = {"erm": 100.0, "mldg": 110.0, "pinthemem": 170.0}
+QUICK_RUN_SECONDS: dict[str, float] = {"erm": 100.0, "mldg": 110.0, "pinthemem": 170.0,
+                                       # UDA setting (1,000 iterations), estimated from CPU seconds per iteration
+                                       "source_only": 150.0, "minent": 330.0, "adaptsegnet": 420.0, "mrnet": 360.0}
 QUICK_ITERATIONS = 1200
 #: Of a quick run's seconds, the part that does not scale with iterations (final evaluation, 300 images per
 #: domain; it scales with the images evaluated instead).
@@ -55,6 +60,37 @@ def erm_run(preset_name: str = "quick", seed: int = 0) -> RunConfig:
 def method_runs(preset_name: str = "quick", seed: int = 0) -> dict[str, RunConfig]:
     """Notebook 03, section 7: label -> configuration of ERM, MLDG and Pin the Memory."""
     return {label: preset(preset_name, method, seed) for label, method in NOTEBOOK_METHODS.items()}
+
+
+#: Notebooks 05 and 06: the source -> target pair (a key of dgnb.config.UDA_PAIRS) and the methods of 05.
+UDA_PAIR = "near"
+UDA_NOTEBOOK_METHODS = {"source only": "source_only", "AdaptSegNet": "adaptsegnet", "MinEnt": "minent"}
+#: Notebook 06's λ_mr sweep: Stage I only, on a short budget (presets other than smoke).
+MR_SWEEP = (0.0, 0.1, 0.5)
+MR_SWEEP_ITERATIONS = 300
+
+
+def uda_run(preset_name: str, method: str, seed: int = 0, pair: str = UDA_PAIR,
+            hparams: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    """A UDA-setting run of `method` adapting along `pair` (notebooks 05, 06)."""
+    from .config import UDA_PAIRS
+
+    source, target = UDA_PAIRS[pair]
+    return preset(preset_name, method, seed, setting="uda", hparams=dict(hparams or {}),
+                  **{"data.sources": [source], "data.uda_target": target, **overrides})
+
+
+def mr_sweep_overrides(preset_name: str) -> dict[str, Any]:
+    """The sweep's short budget: none on smoke, else `MR_SWEEP_ITERATIONS` iterations."""
+    return {} if preset_name == "smoke" else {"train.iterations": MR_SWEEP_ITERATIONS}
+
+
+def mr_sweep_runs(preset_name: str = "quick", seed: int = 0, pair: str = UDA_PAIR,
+                  hparams: dict[str, Any] | None = None) -> dict[float, RunConfig]:
+    """Notebook 06's λ_mr sweep: λ -> MRNet Stage I only, short budget."""
+    return {lam: uda_run(preset_name, "mrnet", seed, pair, {**(hparams or {}), "mr_weight": lam,
+                                                            "stage1_fraction": 1.0}, **mr_sweep_overrides(preset_name))
+            for lam in MR_SWEEP}
 
 
 def ablation_overrides(preset_name: str) -> dict[str, Any]:
@@ -91,6 +127,11 @@ def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
     candidates += [CourseRun("03_pin_the_memory", label, cfg) for label, cfg in method_runs(preset_name, seed).items()]
     candidates += [CourseRun("03_pin_the_memory", f"ablation: {v}", cfg)
                    for v, cfg in ablation_runs(preset_name, seed).items()]
+    candidates += [CourseRun("05_adversarial_uda", label, uda_run(preset_name, m, seed))
+                   for label, m in UDA_NOTEBOOK_METHODS.items()]
+    candidates += [CourseRun("06_mrnet", "MRNet", uda_run(preset_name, "mrnet", seed))]
+    candidates += [CourseRun("06_mrnet", f"λ_mr = {lam:g} (Stage I, short)", cfg)
+                   for lam, cfg in mr_sweep_runs(preset_name, seed).items()]
     plan: dict[Path, CourseRun] = {}
     for item in candidates:
         first = plan.setdefault(run_dir(item.config), item)

@@ -173,6 +173,7 @@ class AdaptationMethod(Method):
                 if penalty > 0:
                     loss = loss + penalty * gradient_penalty(x, outs, rows=n)
                 total = total + loss
+                logs[f"d_loss_{level}"] = float(loss.detach())
                 squash = torch.sigmoid if kind == "bce" else (lambda x: x)
                 logs[f"d_source_{level}"] = float(squash(out_s[0].detach().float()).mean())
                 logs[f"d_target_{level}"] = float(squash(out_t[0].detach().float()).mean())
