@@ -9,7 +9,7 @@ import pytest
 from dgnb.cli import main as dgnb_main
 from dgnb.config import preset
 from dgnb.course import (QUICK_RUN_SECONDS, ablation_runs, course_plan, course_runs, estimate_seconds, method_runs,
-                         prepare_course)
+                         mr_sweep_runs, prepare_course, uda_run)
 from dgnb.engine.bench import PINTHEMEM_ABLATIONS, ablation_config
 from dgnb.engine.runs import run_dir
 
@@ -18,8 +18,9 @@ def test_the_plan_is_what_the_notebooks_train(tmp_path, monkeypatch):
     monkeypatch.setenv("DGNB_HOME", str(tmp_path))
     plan = course_plan("quick")
     folders = [run_dir(p.config) for p in plan]
-    # 3 full runs of notebook 03, ERM and MLDG seeds 1 and 2 of notebook 02, 10 short ablation rows
-    assert len(folders) == len(set(folders)) == 3 + 4 + 10
+    # 3 full runs of notebook 03, ERM and MLDG seeds 1 and 2 of notebook 02, 10 short ablation rows;
+    # notebook 05's three UDA runs, notebook 06's MRNet run and its three short λ_mr rows
+    assert len(folders) == len(set(folders)) == 3 + 4 + 10 + 3 + 1 + 3
     # notebooks 01, 02 and 03 (section 7): the preset's runs; notebook 03 section 12: ablation_config + short budget
     assert run_dir(preset("quick", "erm", 0)) == folders[0]
     assert plan[0].notebook == "01_domain_shift, 02_meta_learning, 03_pin_the_memory"
@@ -27,9 +28,11 @@ def test_the_plan_is_what_the_notebooks_train(tmp_path, monkeypatch):
     assert {run_dir(preset("quick", m, s)) for m in ("erm", "mldg") for s in (0, 1, 2)} <= set(folders[:7])
     short = {"train.iterations": 150, "data.eval_limit": 50}
     want = {run_dir(ablation_config("quick", v, 0, **short)) for v in PINTHEMEM_ABLATIONS if "second order" not in v}
-    assert set(folders[7:]) == want and len(ablation_runs("quick")) == 10
+    assert set(folders[7:17]) == want and len(ablation_runs("quick")) == 10
+    assert run_dir(uda_run("quick", "mrnet")) == run_dir(preset("quick", "mrnet", setting="uda")) in folders[17:]
+    assert set(folders[21:]) == {run_dir(c) for c in mr_sweep_runs("quick").values()}
     # on smoke the ablation rows use the whole preset: full / ERM / MLDG are the section 7 runs; 02 adds seed 1
-    assert len(course_runs("smoke")) == 3 + 2 + 7
+    assert len(course_runs("smoke")) == 3 + 2 + 7 + 3 + 1 + 3
     # the estimate: the reference machine's quick-run seconds, scaled by iterations and images evaluated
     assert estimate_seconds(preset("quick", "pinthemem")) == pytest.approx(QUICK_RUN_SECONDS["pinthemem"])
     assert estimate_seconds(ablation_config("quick", "ERM", 0, **short)) < QUICK_RUN_SECONDS["erm"] / 4
