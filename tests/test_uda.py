@@ -329,3 +329,22 @@ def test_uda_smoke_runs(smoke_home, monkeypatch):
     assert any("d_loss" in h for h in advent.history)
     pseudo = PseudoLabels(run.dir / "pseudo_labels", "near-stage1")
     assert pseudo.manifest["splits"]["train"] == 12 and np.isclose(pseudo.manifest["kept_overall"], 1.0)
+
+
+def test_uda_calibration_script_on_smoke(smoke_home, monkeypatch, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("DGNB_HOME", str(smoke_home))
+    path = Path(__file__).parents[1] / "benchmarks" / "calibrate_uda.py"
+    spec = importlib.util.spec_from_file_location("calibrate_uda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--preset", "smoke", "--seeds", "0", "--oracle-seeds", "0", "--out", str(tmp_path / "cal")])
+    report = json.loads((tmp_path / "cal.json").read_text())
+    assert [p["pair"] for p in report["pairs"]] == ["near", "far"]
+    for pair in report["pairs"]:
+        oracle = report["oracle_runs"][pair["target"]][0]
+        assert oracle["sources"] == [pair["target"]] and pair["target"] not in oracle["target_miou"]
+        assert pair["gap"] == round(pair["oracle"]["mean"] - pair["source_only"]["mean"], 2)
+    assert "| near | source_a -> near (near) |" in (tmp_path / "cal.md").read_text()
