@@ -154,6 +154,23 @@ assert memory_regularization(z_p, z_p, "paper").abs().item() < 1e-5
 assert (kl_divergence(z_a.log_softmax(1), z_p.log_softmax(1)) >= -1e-6).all()
 
 # %% [markdown]
+# The paper's form in a few lines of your own (in the student edition, the body is yours to write).
+
+# %%
+def symmetric_kl(main_logits, aux_logits):
+    """Eq. 5: mean over pixels of KL(P_a ‖ P_p) + KL(P_p ‖ P_a), with P = softmax over the class dimension 1
+    of (B, C, H, W) scores."""
+    ### BEGIN SOLUTION: log-softmax both; KL(p ‖ q) = Σ_c p_c (log p_c − log q_c); sum both directions, mean over pixels
+    log_p, log_a = main_logits.log_softmax(1), aux_logits.log_softmax(1)
+    kl_ap = (log_a.exp() * (log_a - log_p)).sum(1)
+    kl_pa = (log_p.exp() * (log_p - log_a)).sum(1)
+    return (kl_ap + kl_pa).mean()
+    ### END SOLUTION
+
+
+assert torch.isclose(symmetric_kl(z_p, z_a), memory_regularization(z_p, z_a, "paper"), atol=1e-5)  # = library
+
+# %% [markdown]
 # ## 4. Train MRNet: Stage I, a pseudo-label pass, Stage II
 # The run trains Stage I for `stage1_fraction` of the iterations, then, at the **stage boundary**,
 # predicts every target train image with the fused heads, writes the pseudo labels next to the run
