@@ -81,7 +81,7 @@ class AugmentedBatches:
                                          [raw["seed"][i] for i in src])
             batch = {"image": image, "label": label, "domain": domain[src]}
             if len(src) < len(domain):
-                tgt = [i for i in range(len(domain)) if i not in set(src)]
+                tgt = list(range(len(src), len(domain)))  # the sampler puts the target stream last
                 t_image, t_label = self._augment([raw["image"][i] for i in tgt], [raw["label"][i] for i in tgt],
                                                  [raw["seed"][i] for i in tgt])
                 batch["target_image"] = t_image

@@ -112,31 +112,44 @@ def make_pseudo_labels(probabilities: Callable[[torch.Tensor], torch.Tensor],
     """Predict every target image (`batches` of (ids, images)), apply `rule`, write the set and its manifest.
 
     `probabilities(images)` returns (B, C, H, W) class probabilities (e.g. `fuse_heads` of a model's heads);
-    `image_paths(ids)` the target image files, linked (or copied) next to the labels. Confidences and
-    predictions of the whole set are kept (one byte and one float per pixel) so class-balanced thresholds
-    are computed over the whole set, as CBST does."""
+    `image_paths(ids)` the target image files, linked (or copied) next to the labels. The `none` and
+    `confidence` rules write each batch as it comes; `class_balanced` keeps the confidences (half
+    precision) and predictions (one byte) of the whole set first, so its thresholds are computed over the
+    whole set, as CBST does."""
     if rule not in RULES:
         raise ValueError(f"unknown pseudo-label rule '{rule}'; choose one of {RULES}")
+    folder = Path(root) / name
     ids: list[str] = []
-    confs, preds = [], []
+    kept = torch.zeros(NUM_CLASSES, dtype=torch.long)
+    predicted = torch.zeros(NUM_CLASSES, dtype=torch.long)
+    held: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def write(image_id: str, conf: torch.Tensor, pred: torch.Tensor, thresholds: torch.Tensor | None) -> None:
+        nonlocal kept
+        label = apply_rule(conf.float(), pred.long(), rule, threshold, thresholds)
+        kept += torch.bincount(label[label != IGNORE_INDEX].reshape(-1), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        atomic_save_png(folder / "train" / "labels" / f"{image_id}.png", label.to(torch.uint8).numpy(), fsync=False)
+        src = image_paths([image_id])[0]
+        _link_or_copy(Path(src), folder / "train" / "images" / f"{image_id}{Path(src).suffix}")
+
     for batch_ids, images in batches:
         with torch.no_grad():
             conf, pred = probabilities(images).max(1)
+        conf, pred = conf.cpu(), pred.to(torch.uint8).cpu()
         ids += batch_ids
-        confs += list(conf.cpu())
-        preds += list(pred.to(torch.uint8).cpu())
-    conf_all = torch.cat([c.reshape(-1) for c in confs])
-    pred_all = torch.cat([p.reshape(-1) for p in preds]).long()
-    thresholds = class_balanced_thresholds(conf_all, pred_all, portion) if rule == "class_balanced" else None
-    folder = Path(root) / name
-    kept = torch.zeros(NUM_CLASSES, dtype=torch.long)
-    predicted = torch.bincount(pred_all, minlength=NUM_CLASSES)[:NUM_CLASSES]
-    for image_id, src, conf, pred in zip(ids, image_paths(ids), confs, preds):
-        label = apply_rule(conf, pred.long(), rule, threshold, thresholds)
-        kept += torch.bincount(label[label != IGNORE_INDEX].reshape(-1), minlength=NUM_CLASSES)[:NUM_CLASSES]
-        atomic_save_png(folder / "train" / "labels" / f"{image_id}.png", label.to(torch.uint8).numpy(), fsync=False)
-        _link_or_copy(Path(src), folder / "train" / "images" / f"{image_id}{Path(src).suffix}")
-    total = int(pred_all.numel())
+        predicted += torch.bincount(pred.reshape(-1).long(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        for image_id, c, p in zip(batch_ids, conf, pred):
+            if rule == "class_balanced":
+                held.append((image_id, c.half(), p))
+            else:
+                write(image_id, c, p, None)
+    thresholds = None
+    if rule == "class_balanced":
+        thresholds = class_balanced_thresholds(torch.cat([c.reshape(-1).float() for _, c, _ in held]),
+                                               torch.cat([p.reshape(-1).long() for _, _, p in held]), portion)
+        for image_id, c, p in held:
+            write(image_id, c, p, thresholds)
+    total = int(predicted.sum())
     manifest = {
         "name": name, "origin": "pseudo labels", "role": "pseudo", **(info or {}),
         "rule": {"rule": rule, "threshold": threshold if rule == "confidence" else None,
