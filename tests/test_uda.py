@@ -348,3 +348,17 @@ def test_uda_calibration_script_on_smoke(smoke_home, monkeypatch, tmp_path):
         assert oracle["sources"] == [pair["target"]] and pair["target"] not in oracle["target_miou"]
         assert pair["gap"] == round(pair["oracle"]["mean"] - pair["source_only"]["mean"], 2)
     assert "| near | source_a -> near (near) |" in (tmp_path / "cal.md").read_text()
+
+
+def test_class_balanced_pseudo_labels_keep_the_portion_per_class(toy_root, tmp_path):
+    target = SegFolder(toy_root, "c", "train", labels=False)
+    ids = [s.image.stem for s in target.samples]
+    g = torch.Generator().manual_seed(0)
+    batches = [(ids[i : i + 4], torch.zeros(len(ids[i : i + 4]), 3, 32, 64)) for i in range(0, len(ids), 4)]
+    paths = {s.image.stem: s.image for s in target.samples}
+    made = make_pseudo_labels(lambda x: torch.rand(len(x), 19, 32, 64, generator=g).softmax(1), batches,
+                              lambda i: [paths[k] for k in i], tmp_path, "cb", rule="class_balanced", portion=0.3)
+    m = made.manifest
+    assert m["rule"] == {"rule": "class_balanced", "threshold": None, "portion": 0.3}
+    assert len(m["kept_fraction"]) == 19 and all(abs(f - 0.3) < 0.01 for f in m["kept_fraction"].values())
+    assert abs(m["kept_overall"] - 0.3) < 0.01 and all(t is not None for t in m["thresholds"].values())
