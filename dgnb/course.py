@@ -116,6 +116,7 @@ class CourseRun:
     notebook: str      # the notebook(s) that train it
     label: str         # its name there
     config: RunConfig
+    dir: Path | None = None  # its run folder (course_plan fills it: the key is hashed once per run)
 
 
 def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
@@ -136,7 +137,8 @@ def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
                    for lam, cfg in mr_sweep_runs(preset_name, seed).items()]
     plan: dict[Path, CourseRun] = {}
     for item in candidates:
-        first = plan.setdefault(run_dir(item.config), item)
+        item.dir = run_dir(item.config)
+        first = plan.setdefault(item.dir, item)
         if first is not item and item.notebook not in first.notebook:
             first.notebook += f", {item.notebook}"
     return list(plan.values())
@@ -212,7 +214,9 @@ def prepare_course(preset_name: str = "quick", seed: int = 0, force: bool = Fals
     from .engine.runs import prepare_data, train
 
     plan = course_plan(preset_name, seed)
-    estimates = [run_seconds(p.config) if force else estimate_seconds(p.config) for p in plan]
+    from .engine.runs import Run
+
+    estimates = [run_seconds(p.config) if force or not Run(p.dir, p.config).complete else 0.0 for p in plan]
     cached = sum(e == 0 for e in estimates)
     generation = city_seconds(plan[0].config)
     total = sum(estimates) + generation

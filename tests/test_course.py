@@ -46,7 +46,8 @@ def test_prepare_trains_every_run_once_and_a_second_call_is_instant(smoke_home, 
     capsys.readouterr()
     start = time.perf_counter()
     again = prepare_course("smoke", progress=False)
-    assert time.perf_counter() - start < 5 and [r.dir for r in again] == [r.dir for r in runs]
+    # "instant": hashing each run's key and checking its checkpoint, no training (0.4 s a run on a loaded 2-core machine)
+    assert time.perf_counter() - start < max(5, 0.4 * len(runs)) and [r.dir for r in again] == [r.dir for r in runs]
     out = capsys.readouterr().out
     assert f"{len(runs)} runs, {len(runs)} already in the run cache; estimated 0 s" in out
     dgnb_main(["course", "list", "--preset", "smoke"])
