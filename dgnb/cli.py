@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, preset
+from .config import PRESETS, SETTINGS, preset
 from .errors import pop_debug, run_cli
 
 
@@ -33,6 +33,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["data.sources"] = args.sources.split(",") if args.sources else []
     if getattr(args, "targets", None) is not None:
         o["data.targets"] = args.targets.split(",") if args.targets else []
+    if getattr(args, "uda_target", None) is not None:
+        o["data.uda_target"] = args.uda_target
+    elif getattr(args, "setting", "dg") == "uda" and o.get("data.targets"):
+        o["data.uda_target"] = o["data.targets"][0]  # --targets A,B in the UDA setting: adapt to A
     if getattr(args, "data_root", None) is not None:
         o["data.root"] = args.data_root
     if getattr(args, "iterations", None) is not None:
@@ -51,8 +55,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", choices=PRESETS)
+    p.add_argument("--setting", default="dg", choices=SETTINGS,
+                   help="dg: labelled sources, targets only evaluated; uda: also the unlabelled train split of "
+                        "--uda-target (docs/adaptation.md)")
     p.add_argument("--sources", help="comma-separated source datasets (default: the preset's)")
     p.add_argument("--targets", help="comma-separated target datasets (default: the preset's)")
+    p.add_argument("--uda-target", help="UDA: the target adapted to (default: the first of --targets, else the "
+                                        "preset's)")
     p.add_argument("--data-root", help="folder holding the datasets (default: the preset's)")
     p.add_argument("--iterations", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
@@ -73,7 +82,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.reference and args.reference not in methods:
         raise SystemExit(f"--reference {args.reference} is not among --methods {','.join(methods)}; add it to --methods")
     res = bench(args.preset, methods, args.seeds, _overrides(args), args.force, args.out, not args.no_progress,
-                reference=args.reference)
+                reference=args.reference, setting=args.setting)
     print(res["table"])
     if res["comparison_table"]:
         print("\n" + res["comparison_table"])
@@ -84,7 +93,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .engine.runs import train
 
-    cfg = preset(args.preset, args.method, args.seed, **_overrides(args))
+    cfg = preset(args.preset, args.method, args.seed, setting=args.setting, **_overrides(args))
     run = train(cfg, force=args.force, progress=not args.no_progress)
     if run.complete:
         m = run.metrics

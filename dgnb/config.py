@@ -4,6 +4,10 @@
 - `quick`: minutes on 2 CPU cores; the notebooks' default. The narrow ResNet on the procedural city.
 - `paper`: GPU and real datasets with the papers' recipe (DeepLabv3+ ResNet-50 OS16, crop 768,
   SGD 0.01 poly, 40k iterations); point `data.root` (or $DGNB_DATA) at data converted by data_tools.
+
+Two settings share them (`preset(..., setting=...)`): `dg` (labelled sources; targets only evaluated) and
+`uda` (docs/adaptation.md): the UDA papers' model (DeepLab-v2 classifier on layer4, auxiliary one on layer3,
+10x head learning rate), one labelled source and the unlabelled train split of `data.uda_target`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .methods.base import OptimConfig
 from .models import ModelConfig
 
 PRESETS = ("smoke", "quick", "paper")
+SETTINGS = ("dg", "uda")
 
 
 def dgnb_home() -> Path:
@@ -52,6 +57,8 @@ class DataConfig:
     num_workers: int = 0
     cache_images: bool = False          # keep decoded training images in memory (small datasets: the city)
     protocol: str = "19"                # class subset for mIoU: 19, 16 or 13 (SYNTHIA)
+    uda_target: str | None = None       # UDA: the target whose train split is read, unlabelled (None in DG)
+    target_batch: int | None = None     # UDA: target images per iteration (None: as many as source images)
 
 
 @dataclass
@@ -70,6 +77,7 @@ class RunConfig:
     method: str = "erm"
     preset: str = "quick"
     seed: int = 0
+    setting: str = "dg"  # dg | uda (docs/adaptation.md)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -82,7 +90,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         return validate(cls(
-            method=d["method"], preset=d["preset"], seed=d["seed"], hparams=dict(d.get("hparams", {})),
+            method=d["method"], preset=d["preset"], seed=d["seed"], setting=d.get("setting", "dg"), hparams=dict(d.get("hparams", {})),
             model=_build(ModelConfig, d["model"]), optim=_build(OptimConfig, d["optim"]),
             data=_build(DataConfig, d["data"]), train=_build(TrainConfig, d["train"]),
         ))
@@ -129,11 +137,13 @@ def _paper_domains(cfg: RunConfig, overrides: dict[str, Any]) -> None:
         cfg.data.city = dict(PAPER_CITY)
 
 
-def preset(name: str, method: str = "erm", seed: int = 0, **overrides: Any) -> RunConfig:
-    """The configuration of `preset` for `method`. `overrides` replace fields by dotted path,
-    e.g. `preset("quick", "erm", **{"train.iterations": 100, "data.sources": ["source_a"]})`."""
+def preset(name: str, method: str = "erm", seed: int = 0, setting: str = "dg", **overrides: Any) -> RunConfig:
+    """The configuration of `preset` for `method` in `setting` (dg or uda). `overrides` replace fields by dotted
+    path, e.g. `preset("quick", "erm", **{"train.iterations": 100, "data.sources": ["source_a"]})`."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset '{name}'; choose one of {PRESETS}")
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting '{setting}'; choose one of {SETTINGS} (--setting dg|uda)")
     home = dgnb_home()
     if name in ("smoke", "quick"):
         sources, targets = _city_roles()
@@ -172,7 +182,47 @@ def preset(name: str, method: str = "erm", seed: int = 0, **overrides: Any) -> R
                                 head_channels=256, low_proj=48, aspp_rates=(6, 12, 18))
         cfg.optim = OptimConfig(lr=0.01, iterations=40000)
         cfg.train = TrainConfig(iterations=40000, eval_every=5000, checkpoint_every=1000, log_every=50)
+    if setting == "uda":
+        _uda_recipe(cfg, name, overrides)
     return apply_overrides(cfg, overrides)
+
+
+# The UDA setting's pairs on the embedded city (docs/adaptation.md, 'The UDA setting'): one labelled source and
+# the target adapted to; the notebooks use the near pair and the far pair.
+UDA_SOURCE = "source_a"
+UDA_PAIRS = {"near": ("source_a", "near"), "far": ("source_a", "far_fog")}
+
+
+def _uda_recipe(cfg: RunConfig, name: str, overrides: dict[str, Any]) -> None:
+    """The UDA papers' model and optimiser (DeepLab-v2 family): the ASPP-v2 classifier on layer4 (four dilated
+    3x3 convs, summed) and an auxiliary one on layer3, 10x learning rate on both heads; one labelled source;
+    the unlabelled train split of `data.uda_target`; as many target images per iteration as source images."""
+    cfg.setting = "uda"
+    cfg.optim.head_lr_mult = 10.0
+    if name in ("smoke", "quick"):
+        _, targets = _city_roles()
+        cfg.data.sources, cfg.data.targets, cfg.data.uda_target = [UDA_SOURCE], targets, UDA_PAIRS["near"][1]
+        # OS8 as in the papers: layer4 is 12x24 on a 96x192 crop, so the four dilations keep the paper's
+        # proportions (6/12/18/24 on 65x129 maps); discriminators a quarter as wide as the papers'
+        cfg.model = ModelConfig(backbone="resnet_tiny", head="deeplabv2", output_stride=8, aspp_rates=(1, 2, 3, 4),
+                                aux=True, disc_channels=16)
+        if name == "quick":
+            cfg.data.batch_per_domain = 4
+            cfg.optim.lr = 0.01
+            cfg.optim.iterations = cfg.train.iterations = 800  # AdaptSegNet, the slowest: ~450 CPU-seconds
+            cfg.train.eval_every, cfg.train.checkpoint_every = 200, 200
+        else:
+            cfg.train.eval_every = 3
+    else:  # GTAV -> Cityscapes, DeepLab-v2 ResNet-101 OS8 (ImageNet weights), AdaptSegNet's optimiser and sizes
+        cfg.data.sources, cfg.data.targets, cfg.data.uda_target = ["gtav"], ["cityscapes", "bdd100k", "mapillary"], \
+            "cityscapes"
+        _paper_domains(cfg, overrides)
+        cfg.model = ModelConfig(backbone="resnet101", head="deeplabv2", output_stride=8, pretrained=True,
+                                aspp_rates=(6, 12, 18, 24), aux=True, disc_channels=64)
+        cfg.data.crop, cfg.data.base_size, cfg.data.scale = (512, 1024), (720, 1280), (1.0, 1.0)
+        cfg.data.color_jitter, cfg.data.batch_per_domain = 0.0, 1
+        cfg.optim = OptimConfig(lr=2.5e-4, head_lr_mult=10.0, iterations=120000)
+        cfg.train = TrainConfig(iterations=120000, eval_every=5000, checkpoint_every=2000, log_every=50)
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -325,6 +375,10 @@ CHECKS: dict[str, Rule] = {
     "data.num_workers": _int(0),
     "data.cache_images": BOOL,
     "data.protocol": _choice("19", "16", "13"),
+    "data.uda_target": _optional(TEXT),
+    "data.target_batch": _optional(_int(1)),
+    "setting": _choice(*SETTINGS),
+    "model.disc_channels": _int(1),
     "train.iterations": _int(1),
     "train.ema_decay": Rule(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
                             "0 (off) or a decay in (0, 1), e.g. 0.995"),
@@ -351,12 +405,12 @@ def _model_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
 _FLAGS = {"seed": "--seed N", "method": "--method NAME", "preset": "--preset NAME",
           "train.iterations": "--iterations N", "train.device": "--device auto|cpu|cuda",
           "train.amp": "--amp auto|off|bf16|fp16", "data.root": "--data-root DIR", "data.sources": "--sources A,B",
-          "data.targets": "--targets C,D"}
+          "data.targets": "--targets C,D", "setting": "--setting dg|uda", "data.uda_target": "--uda-target NAME"}
 
 
 def config_fields(cfg: RunConfig) -> dict[str, Any]:
     """Every checked field of `cfg` by dotted path (hparams excluded: the method checks those)."""
-    out: dict[str, Any] = {"method": cfg.method, "preset": cfg.preset, "seed": cfg.seed}
+    out: dict[str, Any] = {"method": cfg.method, "preset": cfg.preset, "seed": cfg.seed, "setting": cfg.setting}
     for section in ("model", "data", "train", "optim"):  # train.iterations before its copy optim.iterations
         obj = getattr(cfg, section)
         out.update({f"{section}.{f.name}": getattr(obj, f.name) for f in dataclasses.fields(obj)})
@@ -372,8 +426,39 @@ def validate(cfg: RunConfig) -> RunConfig:
                               f"{_FLAGS.get(path, f'--set {path}=VALUE')} on the command line, "
                               f"{'preset(name, method, seed=N)' if path == 'seed' else f'{path}=VALUE in preset(...)'}"
                               " in Python.")
+    _validate_setting(cfg)
     _validate_hparams(cfg)
     return cfg
+
+
+class SettingError(ConfigError):
+    """A method does not fit the setting (DG or UDA), or the UDA target is missing or misplaced."""
+
+
+def _validate_setting(cfg: RunConfig) -> None:
+    """DG methods refuse the UDA setting; UDA methods need it and a target to adapt to (docs/adaptation.md)."""
+    cls = _registry()[cfg.method]
+    uda_names = sorted(n for n, c in _registry().items() if "uda" in c.settings)
+    target = cfg.data.uda_target
+    if cfg.setting not in cls.settings:
+        if cfg.setting == "uda":
+            raise SettingError(f"method '{cfg.method}' is a domain-generalization method and does not adapt to a "
+                               f"target: in the UDA setting use one of {', '.join(uda_names)} (source_only is its "
+                               "baseline), or drop --setting uda.")
+        raise SettingError(f"method '{cfg.method}' adapts to an unlabelled target: run it in the UDA setting, "
+                           "--setting uda --uda-target NAME (Python: preset(name, method, setting='uda')).")
+    if cfg.setting == "dg" and target is not None:
+        raise SettingError(f"data.uda_target={target!r} is only read in the UDA setting: add --setting uda, or "
+                           "remove data.uda_target.")
+    if cls.uda and target is None:
+        raise SettingError(f"method '{cfg.method}' needs a target to adapt to: give --uda-target NAME "
+                           f"(data.uda_target), one of the targets {cfg.data.targets}.")
+    if target is not None and target in cfg.data.sources:
+        raise SettingError(f"data.uda_target={target!r} is also a labelled source: choose a target that is not in "
+                           f"--sources {','.join(cfg.data.sources)}.")
+    if target is not None and target not in cfg.data.targets:
+        raise SettingError(f"data.uda_target={target!r} is not among the evaluated targets {cfg.data.targets}: add "
+                           f"it to --targets (its val split measures the adaptation), or pick one of them.")
 
 
 def _validate_hparams(cfg: RunConfig) -> None:

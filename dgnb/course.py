@@ -14,6 +14,9 @@ The notebooks build their configurations with the functions below (`erm_run`, `m
   `ABLATION_ITERATIONS` iterations evaluated on `ABLATION_EVAL_LIMIT` images per domain (the whole
   preset on `smoke`), all variants but the second-order one;
 - notebook 04 (style): ERM, IBN-Net, ISW and SPC (`style_runs`).
+- notebook 05 (adaptation): source only, AdaptSegNet and MinEnt in the UDA setting on `UDA_PAIR`;
+- notebook 06 (MRNet): MRNet (Stages I and II) on the same pair, and the λ_mr sweep on a short budget
+  (`MR_SWEEP_ITERATIONS`, Stage I only).
 """
 
 from __future__ import annotations
@@ -41,7 +44,11 @@ SKIPPED_ABLATIONS = ("second order (paper)",)
 #: 7 domains) on the reference machine (2 CPU cores), by method; used for the estimate only and filled in
 #: by measurement (README, "Preparing a lab"). A method missing here counts as the slowest one listed.
 QUICK_RUN_SECONDS: dict[str, float] = {"erm": 100.0, "mldg": 110.0, "pinthemem": 170.0, "ibn": 105.0, "isw": 115.0,
-                                       "spc": 135.0}
+                                       "spc": 135.0,
+                                       # UDA setting: one-thread CPU seconds of an 800-iteration run (source only
+                                       # 170, MinEnt 290, AdaptSegNet 450, MRNet 380, from measured seconds per
+                                       # iteration), written at QUICK_ITERATIONS as `run_seconds` scales them
+                                       "source_only": 242.0, "minent": 422.0, "adaptsegnet": 662.0, "mrnet": 557.0}
 QUICK_ITERATIONS = 1200
 #: Of a quick run's seconds, the part that does not scale with iterations (final evaluation, 300 images per
 #: domain; it scales with the images evaluated instead).
@@ -64,6 +71,35 @@ def method_runs(preset_name: str = "quick", seed: int = 0) -> dict[str, RunConfi
 def style_runs(preset_name: str = "quick", seed: int = 0) -> dict[str, RunConfig]:
     """Notebook 04: label -> configuration of ERM, IBN-Net, ISW and SPC (each method's defaults)."""
     return {label: preset(preset_name, method, seed) for label, method in STYLE_METHODS.items()}
+#: Notebooks 05 and 06: the source -> target pair (a key of dgnb.config.UDA_PAIRS) and the methods of 05.
+UDA_PAIR = "near"
+UDA_NOTEBOOK_METHODS = {"source only": "source_only", "AdaptSegNet": "adaptsegnet", "MinEnt": "minent"}
+#: Notebook 06's λ_mr sweep: Stage I only, on a short budget (presets other than smoke).
+MR_SWEEP = (0.0, 0.1, 0.5)
+MR_SWEEP_ITERATIONS = 300
+
+
+def uda_run(preset_name: str, method: str, seed: int = 0, pair: str = UDA_PAIR,
+            hparams: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    """A UDA-setting run of `method` adapting along `pair` (notebooks 05, 06)."""
+    from .config import UDA_PAIRS
+
+    source, target = UDA_PAIRS[pair]
+    return preset(preset_name, method, seed, setting="uda", hparams=dict(hparams or {}),
+                  **{"data.sources": [source], "data.uda_target": target, **overrides})
+
+
+def mr_sweep_overrides(preset_name: str) -> dict[str, Any]:
+    """The sweep's short budget: none on smoke, else `MR_SWEEP_ITERATIONS` iterations."""
+    return {} if preset_name == "smoke" else {"train.iterations": MR_SWEEP_ITERATIONS}
+
+
+def mr_sweep_runs(preset_name: str = "quick", seed: int = 0, pair: str = UDA_PAIR,
+                  hparams: dict[str, Any] | None = None) -> dict[float, RunConfig]:
+    """Notebook 06's λ_mr sweep: λ -> MRNet Stage I only, short budget."""
+    return {lam: uda_run(preset_name, "mrnet", seed, pair, {**(hparams or {}), "mr_weight": lam,
+                                                            "stage1_fraction": 1.0}, **mr_sweep_overrides(preset_name))
+            for lam in MR_SWEEP}
 
 
 def ablation_overrides(preset_name: str) -> dict[str, Any]:
@@ -87,6 +123,7 @@ class CourseRun:
     notebook: str      # the notebook(s) that train it
     label: str         # its name there
     config: RunConfig
+    dir: Path | None = None  # its run folder (course_plan fills it: the key is hashed once per run)
 
 
 def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
@@ -101,9 +138,15 @@ def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
     candidates += [CourseRun("03_pin_the_memory", f"ablation: {v}", cfg)
                    for v, cfg in ablation_runs(preset_name, seed).items()]
     candidates += [CourseRun("04_style", label, cfg) for label, cfg in style_runs(preset_name, seed).items()]
+    candidates += [CourseRun("05_adversarial_uda", label, uda_run(preset_name, m, seed))
+                   for label, m in UDA_NOTEBOOK_METHODS.items()]
+    candidates += [CourseRun("06_mrnet", "MRNet", uda_run(preset_name, "mrnet", seed))]
+    candidates += [CourseRun("06_mrnet", f"λ_mr = {lam:g} (Stage I, short)", cfg)
+                   for lam, cfg in mr_sweep_runs(preset_name, seed).items()]
     plan: dict[Path, CourseRun] = {}
     for item in candidates:
-        first = plan.setdefault(run_dir(item.config), item)
+        item.dir = run_dir(item.config)
+        first = plan.setdefault(item.dir, item)
         if first is not item and item.notebook not in first.notebook:
             first.notebook += f", {item.notebook}"
     return list(plan.values())
@@ -179,7 +222,9 @@ def prepare_course(preset_name: str = "quick", seed: int = 0, force: bool = Fals
     from .engine.runs import prepare_data, train
 
     plan = course_plan(preset_name, seed)
-    estimates = [run_seconds(p.config) if force else estimate_seconds(p.config) for p in plan]
+    from .engine.runs import Run
+
+    estimates = [run_seconds(p.config) if force or not Run(p.dir, p.config).complete else 0.0 for p in plan]
     cached = sum(e == 0 for e in estimates)
     generation = city_seconds(plan[0].config)
     total = sum(estimates) + generation

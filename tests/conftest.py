@@ -42,12 +42,16 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def toy_config(root: Path, iterations: int = 10, method: str = "erm", **hparams) -> RunConfig:
+    """Sources a, b; target c. A method that only runs in the UDA setting adapts to c (its train split unlabelled)."""
+    from dgnb.methods import REGISTRY
+
+    uda = "dg" not in REGISTRY[method].settings
     return RunConfig(
-        method=method, preset="toy", seed=0, hparams=hparams,
+        method=method, preset="toy", seed=0, hparams=hparams, setting="uda" if uda else "dg",
         model=ModelConfig(head_channels=16, decoder_channels=16, low_proj=8),
         optim=OptimConfig(lr=0.02, iterations=iterations),
         data=DataConfig(root=str(root), sources=["a", "b"], targets=["c"], crop=(32, 48), base_size=(32, 64),
-                        batch_per_domain=2, val_limit=4),
+                        batch_per_domain=2, val_limit=4, uda_target="c" if uda else None),
         train=TrainConfig(iterations=iterations, eval_every=5, checkpoint_every=5, log_every=5),
     )
 

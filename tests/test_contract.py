@@ -94,7 +94,7 @@ def test_resume_is_bitwise(name, toy_root, tmp_path):
 @pytest.mark.parametrize("name", METHODS)
 def test_trains_on_smoke_end_to_end(name, smoke_home, monkeypatch):
     monkeypatch.setenv("DGNB_HOME", str(smoke_home))
-    cfg = preset("smoke", name)
+    cfg = preset("smoke", name, setting=REGISTRY[name].settings[0])  # a UDA method in the UDA setting
     run = train(cfg, progress=False)
     m = run.metrics
     assert run.complete and m["iterations"] == cfg.train.iterations and m["method"] == name

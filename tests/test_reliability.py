@@ -425,8 +425,8 @@ def test_offline_weights_say_how_to_provide_them(monkeypatch, tmp_path):
 def test_ctrl_c_in_the_cli_is_one_line_and_the_run_resumes(smoke_root, home, capsys, monkeypatch):
     real = runs_mod.fit
 
-    def interrupted(*args):  # fit(method, make_loader, iterations, run_dir, ..., stop_at): Ctrl-C after 3 iterations
-        real(*args[:9], 3)
+    def interrupted(*args, **kwargs):  # fit(method, make_loader, iterations, run_dir, ..., stop_at): Ctrl-C after 3
+        real(*args[:9], 3, **kwargs)
         raise KeyboardInterrupt(f"interrupted at iteration 3; checkpoint saved to {args[3] / 'checkpoint.pt'}, "
                                 "rerun to resume")
 

@@ -15,11 +15,11 @@ from dgnb.engine.patches import module_changes
 from dgnb.engine.runs import code_changes, library_fingerprint, run_key
 from dgnb.methods import REGISTRY
 
-KEYS = {m: run_key(preset("smoke", m)) for m in sorted(REGISTRY)}
+KEYS = {m: run_key(preset("smoke", m, setting=REGISTRY[m].settings[0])) for m in sorted(REGISTRY)}
 
 
 def keys() -> dict[str, str]:
-    return {m: run_key(preset("smoke", m)) for m in sorted(REGISTRY)}
+    return {m: run_key(preset("smoke", m, setting=REGISTRY[m].settings[0])) for m in sorted(REGISTRY)}
 
 
 def notebook_cell(source: str, session: int = 0) -> types.ModuleType:

@@ -141,12 +141,16 @@ class SegFolder(Dataset):
         limit: int | None = None,
         require_labels: bool = True,
         cache: bool = False,
+        labels: bool = True,
     ) -> None:
         self.root, self.dataset, self.split = Path(root), dataset, split
         self.meta = read_meta(root, dataset)
-        samples = list_samples(self.root / dataset / split, require_labels)
+        samples = list_samples(self.root / dataset / split, require_labels and labels)
         check_count(self.root / dataset, split, len(samples), self.meta)
+        if not labels:  # unlabelled (a UDA target's train split): no label path is even kept
+            samples = [Sample(s.image, None) for s in samples]
         self.samples = samples[:limit]
+        self.pseudo = self.meta.get("origin") == "pseudo labels"  # labels made by a model (dgnb.methods.pseudo_labels)
         self.transform = transform
         self.domain_index = domain_index
         self.cache: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = {} if cache else None
@@ -172,6 +176,10 @@ class SegFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def has_labels(self) -> bool:
+        return any(s.label is not None for s in self.samples)
 
     def tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sample i as plain tensors, un-transformed: uint8 image (3, H, W) and int64 label (H, W)."""

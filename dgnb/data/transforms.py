@@ -53,13 +53,14 @@ class BatchAugment:
         return torch.tensor([[flip * cw / wr, 0.0, (2 * left + cw) / wr - 1],
                              [0.0, ch / hr, (2 * top + ch) / hr - 1]], dtype=torch.float32)
 
-    def __call__(self, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], seeds: Sequence[int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (3, H, W) and int masks (H, W) -> float images (B, 3, h, w) in [0, 1], int64 masks (B, h, w)."""
+    def __call__(self, images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None, seeds: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 images (3, H, W) and int masks (H, W) -> float images (B, 3, h, w) in [0, 1], int64 masks (B, h, w).
+        `labels=None` (unlabelled target images): the same geometry, and None for the masks."""
         n = len(images)
         device = images[0].device
         out_img = torch.empty(n, 3, *self.crop, device=device)
-        out_lbl = torch.empty(n, *self.crop, dtype=torch.int64, device=device)
+        out_lbl = torch.empty(n, *self.crop, dtype=torch.int64, device=device) if labels is not None else None
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault(tuple(im.shape[-2:]), []).append(i)
@@ -68,6 +69,8 @@ class BatchAugment:
             grid = F.affine_grid(theta, [len(idx), 1, *self.crop], align_corners=False)
             img = torch.stack([images[i] for i in idx]).float().div_(255)
             out_img[idx] = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            if labels is None:
+                continue
             # labels + 1 so that the zero padding marks "outside the image" -> ignore
             lbl = torch.stack([labels[i] for i in idx]).unsqueeze(1).float() + 1
             lbl = F.grid_sample(lbl, grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0].long() - 1

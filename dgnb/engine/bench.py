@@ -67,6 +67,8 @@ def domain_roles(cfg: RunConfig) -> dict[str, dict[str, str]]:
             meta = read_meta(cfg.data.root, name)
             role = "source" if name in cfg.data.sources else meta.get("role", "target")
             desc = meta.get("description", meta.get("name", name))
+        if name == cfg.data.uda_target:
+            role += ", UDA target"  # its unlabelled train split is adapted to
         out[name] = {"role": "source" if name in cfg.data.sources else role, "description": desc}
     return out
 
@@ -147,10 +149,11 @@ def check_output_file(out: str | Path | None) -> None:
 
 def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overrides: dict[str, Any] | None = None,
           force: bool = False, out: str | Path | None = None, progress: bool = True,
-          reference: str | None = None) -> dict[str, Any]:
+          reference: str | None = None, setting: str = "dg") -> dict[str, Any]:
     """Run every (method, seed); return {"preset", "domains", "runs", "table", "comparisons", "comparison_table"}
-    and write it to `out`. `reference` (default: the first method) is what the paired differences are taken to."""
-    configs = [preset(preset_name, m, s, **(overrides or {})) for m in methods for s in seeds]
+    and write it to `out`. `reference` (default: the first method) is what the paired differences are taken to.
+    `setting="uda"`: the UDA recipe, adapting to `data.uda_target` (docs/adaptation.md)."""
+    configs = [preset(preset_name, m, s, setting=setting, **(overrides or {})) for m in methods for s in seeds]
     if not configs:
         raise ValueError("no runs: give at least one method and one seed")
     check_output_file(out)
@@ -167,7 +170,8 @@ def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overri
 
     reference = reference or methods[0]
     comparisons = compare_runs(runs, reference)
-    result = {"preset": preset_name, "machine": machine_info(), "domains": domains, "runs": runs,
+    result = {"preset": preset_name, "setting": setting, "uda_target": configs[0].data.uda_target,
+              "machine": machine_info(), "domains": domains, "runs": runs,
               "table": markdown_table(runs, domains), "reference": reference, "comparisons": comparisons,
               "comparison_table": comparison_table(comparisons, domains)}
     if out is not None:

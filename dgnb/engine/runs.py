@@ -37,6 +37,7 @@ from ..io import atomic_write_json
 from ..methods import Method, build_method
 from .distributed import barrier, broadcast_module, init_from_env, is_main
 from .evaluate import SegMetrics, evaluate
+from .stages import StageContext, stage_checkpoint
 from .train import CHECKPOINT, fit, read_checkpoint, resolve_amp, resolve_device, restore, seed_everything, write_log
 
 
@@ -153,13 +154,18 @@ def _method_files(method: str, pkg: Path) -> set[str]:
 # changing them re-evaluates the finished checkpoint instead of retraining (see `train`). A UDA method trains on
 # its targets' images, so for it `data.targets` stays in the key.
 EVAL_ONLY = ("data.targets", "data.eval_limit", "data.protocol")
+# What only a method that reads target images depends on: for any other method (ERM, source_only) these fields
+# are left out of the key too, so one source-only run serves every source -> target pair of its source.
+TARGET_STREAM = ("data.uda_target", "data.target_batch")
 
 
 def _eval_only(cfg: RunConfig) -> tuple[str, ...]:
+    """Fields left out of the run key. A UDA method trains on `data.uda_target` (in its key); the evaluated
+    `data.targets` never change its weights."""
     from ..methods import REGISTRY
 
     uda = getattr(REGISTRY.get(cfg.method), "uda", False)
-    return tuple(f for f in EVAL_ONLY if not (uda and f == "data.targets"))
+    return EVAL_ONLY + (() if uda else TARGET_STREAM)
 
 
 def training_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -244,15 +250,16 @@ class Run:
         p = self.dir / "log.jsonl"
         return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
 
-    def load_method(self, device: str = "auto", averaged: bool = True) -> Method:
+    def load_method(self, device: str = "auto", averaged: bool = True, checkpoint: str = CHECKPOINT) -> Method:
         """The trained method, in eval mode, from the run's checkpoint; with the averaged (EMA) weights
-        when the run kept them and `averaged` (what the run's metrics were computed with)."""
+        when the run kept them and `averaged` (what the run's metrics were computed with). `checkpoint`
+        picks another checkpoint of the run, e.g. `stage_checkpoint(1)`: the weights that ended stage 0."""
         method = make_method(self.config, resolve_device(device))
-        path = self.dir / CHECKPOINT
+        path = self.dir / checkpoint
         restore(method, read_checkpoint(path, method.device), path, weights_only=True)
         if averaged and method.ema_state is not None:
             method.load_state_dict(method.ema_state, strict=False)
-        if not self.complete:
+        if not self.complete and checkpoint == CHECKPOINT:
             warnings.warn(f"{self.dir} is an unfinished run: its checkpoint is at iteration {method.iteration} of "
                           f"{self.config.train.iterations}", stacklevel=2)
         return method.eval()
@@ -279,20 +286,45 @@ def prepare_data(cfg: RunConfig, progress: bool = True) -> None:
     c = cfg.data.city
     sources = [d for d in cfg.data.sources if d in DOMAINS]
     targets = [d for d in cfg.data.targets if d in DOMAINS and d not in sources]
-    if is_main():  # sources need train and val; targets only val (an oracle lists its target as a source)
-        for names, splits in ((sources, {"train": c["train"], "val": c["val"]}), (targets, {"val": c["val"]})):
+    # sources need train and val; targets only val (an oracle lists its target as a source), except the UDA
+    # target of a method that reads it: its train split too (read without labels)
+    both = {"train": c["train"], "val": c["val"]}
+    adapted = [d for d in [uda_target(cfg)] if d in DOMAINS and d in targets]
+    if is_main():
+        for names, splits in ((sources, both), ([d for d in targets if d not in adapted], {"val": c["val"]}),
+                              (adapted, both)):
             if names:
                 ensure_city(cfg.data.root, domains=names, splits=splits, size=tuple(c["size"]), seed=c["seed"],
                             progress=progress)
     barrier()
 
 
+def uda_target(cfg: RunConfig) -> str | None:
+    """The target whose train images this run reads (unlabelled): `data.uda_target` for a UDA method, else None."""
+    from ..methods import REGISTRY
+
+    return cfg.data.uda_target if getattr(REGISTRY.get(cfg.method), "uda", False) else None
+
+
 def domain_set(cfg: RunConfig, name: str, split: str, transform: Any, index: int = 0, limit: int | None = None,
-               cache: bool = False) -> SegFolder:
+               cache: bool = False, labels: bool = True) -> SegFolder:
     count = _city_count(cfg, name, split)  # a city folder may hold more images than this run asks for
     if count is not None:
         limit = count if limit is None else min(limit, count)
-    return SegFolder(cfg.data.root, name, split, transform=transform, domain_index=index, limit=limit, cache=cache)
+    return SegFolder(cfg.data.root, name, split, transform=transform, domain_index=index, limit=limit, cache=cache,
+                     labels=labels)
+
+
+def target_train_set(cfg: RunConfig, cache: bool = False) -> SegFolder:
+    """The UDA target's train split, unlabelled: the dataset holds no label paths, so nothing can read them."""
+    name = uda_target(cfg)
+    split = Path(cfg.data.root) / name / "train" / "images"
+    if not split.is_dir():
+        raise DatasetLayoutError(f"UDA target '{name}' has no train split ({split} is missing): adaptation reads the "
+                                 "target's train images, unlabelled. Convert or generate its train split (`python -m "
+                                 "data_tools convert ...`; the city: `dgnb data generate`), or pick another "
+                                 "--uda-target.")
+    return domain_set(cfg, name, "train", None, limit=cfg.data.train_limit, cache=cache, labels=False)
 
 
 def _city_count(cfg: RunConfig, name: str, split: str) -> int | None:
@@ -347,6 +379,8 @@ def check_splits(cfg: RunConfig) -> None:
             domain_set(cfg, name, split, None)
     for name in cfg.data.targets:
         domain_set(cfg, name, "val", None)
+    if uda_target(cfg) is not None:
+        target_train_set(cfg)
 
 
 def make_method(cfg: RunConfig, device: torch.device) -> Method:
@@ -380,7 +414,8 @@ def summarize(metrics: dict[str, SegMetrics], cfg: RunConfig) -> dict[str, Any]:
     source_val = SegMetrics(src_cm, CLASS_SUBSETS[cfg.data.protocol])
     targets = {d: round(metrics[d].miou, 2) for d in cfg.data.targets}
     return {
-        "method": cfg.method, "seed": cfg.seed, "preset": cfg.preset, "sources": cfg.data.sources,
+        "method": cfg.method, "seed": cfg.seed, "preset": cfg.preset, "setting": cfg.setting,
+        "uda_target": uda_target(cfg), "sources": cfg.data.sources,
         "source_val_miou": round(source_val.miou, 2),
         "source_domain_miou": {d: round(metrics[d].miou, 2) for d in cfg.data.sources},
         "target_miou": targets,
@@ -416,9 +451,18 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
     sources = [domain_set(cfg, n, "train", None, i, d.train_limit, d.cache_images) for i, n in enumerate(d.sources)]
     augment = BatchAugment(tuple(d.crop), tuple(d.base_size), tuple(d.scale), d.color_jitter)
 
+    target = target_train_set(cfg, d.cache_images) if method.uda else None
+    target_batch = d.target_batch or d.batch_per_domain * len(sources)
+
     def make_loader(start: int):
+        stream = target
+        pseudo = method.pseudo_label_root()  # a stage that trains on pseudo labels reads them with the images
+        if pseudo is not None:
+            stream = SegFolder(folder / pseudo[0], pseudo[1], "train", cache=d.cache_images)
         return train_loader(sources, augment, d.batch_per_domain, cfg.seed, start, cfg.train.iterations,
-                            d.num_workers, rank, world, device)
+                            d.num_workers, rank, world, device, target=stream, target_batch=target_batch)
+
+    context = StageContext(target, folder, d.eval_batch_size, d.num_workers) if target is not None else None
 
     # periodic validation sets, decoded once (kept in memory with `cache_images`)
     val_sets = {n: domain_set(cfg, n, "val", eval_transform(d.eval_size), limit=d.val_limit, cache=d.cache_images)
@@ -430,12 +474,14 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
 
     validate = with_snapshots(validate, method, cfg, folder)  # what the method keeps at each evaluation
     history, seconds = fit(method, make_loader, cfg.train.iterations, folder, validate if is_main() else None,
-                           cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.log_every, progress, stop_at)
+                           cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.log_every, progress, stop_at,
+                           stage_context=context)
     if method.iteration < cfg.train.iterations or not is_main():
         barrier()
         return run
     write_log(folder / "log.jsonl", history)
     summary = summarize(evaluate_domains(method, cfg, d.sources + d.targets, limit=d.eval_limit), cfg)
+    summary["stage_results"] = stage_results(run, method)
     summary["train_seconds"] = round(seconds, 1)
     summary["iterations"] = cfg.train.iterations
     summary["device"] = str(device)
@@ -445,6 +491,21 @@ def train(cfg: RunConfig, force: bool = False, progress: bool = True, root: Path
     atomic_write_json(folder / "metrics.json", summary)
     barrier()
     return run
+
+
+def stage_results(run: Run, method: Method) -> list[dict[str, Any]]:
+    """Target mIoU of the weights that ended each stage but the last (`stage<k>.pt`, k = 1, 2, ...): e.g.
+    MRNet's Stage I next to its final Stage II. Empty for single-stage methods."""
+    cfg, out = run.config, []
+    for k in range(1, len(method.stage_starts()) + 1):
+        if not (run.dir / stage_checkpoint(k)).is_file():
+            continue
+        earlier = run.load_method(str(method.device), checkpoint=stage_checkpoint(k))
+        res = evaluate_domains(earlier, cfg, cfg.data.targets, limit=cfg.data.eval_limit)
+        targets = {n: round(m.miou, 2) for n, m in res.items()}
+        out.append({"stage": k - 1, "iteration": earlier.iteration, "target_miou": targets,
+                    "mean_target_miou": round(sum(targets.values()) / len(targets), 2) if targets else None})
+    return out
 
 
 def verify_checkpoint(run: Run) -> dict[str, Any]:

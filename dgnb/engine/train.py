@@ -159,12 +159,15 @@ def fit(
     log_every: int = 10,
     progress: bool = True,
     stop_at: int | None = None,
+    stage_context: Any = None,
 ) -> tuple[list[dict], float]:
     """Train `method` up to `iterations`, resuming from `run_dir/checkpoint.pt` if present.
 
     `make_loader(start)` yields the batches of iterations start, start+1, ...; `validate(method)`
     returns metrics logged every `eval_every` iterations. `stop_at` stops early (as an interruption
-    would) after that many iterations, for tests. Returns (history, training seconds).
+    would) after that many iterations, for tests. At a stage boundary of a multi-stage method
+    (`Method.stage_starts`) it calls `method.begin_stage(k, stage_context)`, writes a checkpoint (kept
+    as `stage<k>.pt` too) and rebuilds the loader for the new stage. Returns (history, training seconds).
     """
     ckpt = run_dir / CHECKPOINT
     history: list[dict] = []
@@ -179,31 +182,70 @@ def fit(
                dynamic_ncols=True)
     with deferred_interrupt() as interrupt:
         tick = time.perf_counter()
-        method.train()
-        for batch in make_loader(start):
-            logs = method.training_step(to_device(batch, method.device))
-            method.end_iteration()
-            t = method.iteration
-            bar.update(1)
-            if t % log_every == 0 or t == end:
-                history.append({"iteration": t, **{k: round(v, 5) for k, v in logs.items()}})
-                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "seg")})
-            if validate is not None and eval_every and (t % eval_every == 0 or t == iterations):
-                method.eval()
-                history.append({"iteration": t, **validate(method)})
-                method.train()
-            if interrupt["stop"] or t % checkpoint_every == 0 or t == end:
+        while method.iteration < end:
+            if method.stage_due():  # a stage boundary: enter the stage, checkpoint, new loader
                 seconds += time.perf_counter() - tick
+                enter_stage(method, stage_context, ckpt, history, seconds)
                 tick = time.perf_counter()
-                save_checkpoint(ckpt, method, history, seconds)
-            if interrupt["stop"]:
-                bar.close()
-                raise KeyboardInterrupt(f"interrupted at iteration {t}; checkpoint saved to {ckpt}, rerun to resume")
-            if t >= end:
+            method.train()
+            before = method.iteration
+            seconds, tick = _run_stage(method, make_loader, iterations, end, ckpt, history, seconds, tick, validate,
+                                       eval_every, checkpoint_every, log_every, bar, interrupt)
+            if method.iteration == before:  # the loader ran dry
                 break
     bar.close()
     method.eval()
     return history, seconds
+
+
+def enter_stage(method: Method, context: Any, ckpt: Path, history: list[dict], seconds: float) -> None:
+    """`method.begin_stage(k, context)` in eval mode (what it reports is logged as `stage_start`), then a
+    checkpoint, also kept as `stage<k>.pt`."""
+    import shutil
+
+    from .stages import stage_checkpoint
+
+    stage = method.stage + 1
+    if context is None:
+        raise ValueError(f"{method.name} begins stage {stage} at iteration {method.iteration} but the run has no "
+                         "target to give it (multi-stage methods run in the UDA setting: --setting uda)")
+    method.eval()
+    info = method.begin_stage(stage, context) or {}
+    if method.stage != stage:
+        raise RuntimeError(f"{method.name}.begin_stage({stage}) did not set method.stage")
+    history.append({"iteration": method.iteration, "stage_start": {"stage": stage, **info}})
+    save_checkpoint(ckpt, method, history, seconds)
+    if is_main():
+        shutil.copyfile(ckpt, ckpt.with_name(stage_checkpoint(stage)))
+
+
+def _run_stage(method: Method, make_loader: Callable[[int], Iterable[dict[str, Any]]], iterations: int, end: int,
+               ckpt: Path, history: list[dict], seconds: float, tick: float,
+               validate: Callable[[Method], dict[str, float]] | None, eval_every: int, checkpoint_every: int,
+               log_every: int, bar: Any, interrupt: dict[str, bool]) -> tuple[float, float]:
+    """Iterations from `method.iteration` until `end` or the next stage boundary; returns (seconds, tick)."""
+    for batch in make_loader(method.iteration):
+        logs = method.training_step(to_device(batch, method.device))
+        method.end_iteration()
+        t = method.iteration
+        bar.update(1)
+        if t % log_every == 0 or t == end:
+            history.append({"iteration": t, **{k: round(v, 5) for k, v in logs.items()}})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "seg")})
+        if validate is not None and eval_every and (t % eval_every == 0 or t == iterations):
+            method.eval()
+            history.append({"iteration": t, **validate(method)})
+            method.train()
+        if interrupt["stop"] or t % checkpoint_every == 0 or t == end:
+            seconds += time.perf_counter() - tick
+            tick = time.perf_counter()
+            save_checkpoint(ckpt, method, history, seconds)
+        if interrupt["stop"]:
+            bar.close()
+            raise KeyboardInterrupt(f"interrupted at iteration {t}; checkpoint saved to {ckpt}, rerun to resume")
+        if t >= end or method.stage_due():
+            break
+    return seconds, tick
 
 
 def write_log(path: Path, history: list[dict]) -> None:

@@ -10,6 +10,13 @@ A batch is a dict on the method's device:
     label  (N, h, w) int64                train ids, 255 = ignore
     domain (N,) int64                     index of the source domain of each image
     target_image (M, 3, h, w)             unlabeled target images (UDA methods only)
+    target_label (M, h, w) int64          pseudo labels of those images, when the method's current stage
+                                          trains on them (`pseudo_label_root`); never the target's own labels
+
+Multi-stage methods (MRNet Stage I/II, self-training rounds) keep their stage as state: `stage_starts()`
+lists the iterations where stages 1, 2, ... begin; the engine calls `begin_stage(stage, context)` there
+(after the last iteration of the previous stage), writes a checkpoint (a stage boundary is always one,
+kept as `stage<k>.pt`) and rebuilds the loader, so a resume on either side of a boundary is exact.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     uda: ClassVar[bool] = False  # needs unlabeled target images in the batch
+    settings: ClassVar[tuple[str, ...]] = ("dg",)  # the settings (dg, uda) the method may run in
     ema_exclude: ClassVar[tuple[str, ...]] = ()  # state entries that weight averaging leaves alone
 
     @dataclass
@@ -68,6 +76,7 @@ class Method(nn.Module):
         self.scaler: torch.amp.GradScaler | None = None
         self.amp_dtype: torch.dtype | None = None
         self.iteration = 0
+        self.stage = 0  # index of the current training stage (multi-stage methods; see stage_starts)
         self.ema_decay = 0.0
         self.ema_state: dict[str, torch.Tensor] | None = None
 
@@ -113,6 +122,26 @@ class Method(nn.Module):
         self.iteration += 1
         if self.ema_state is not None:
             self.update_ema()
+
+    # ----- stages (multi-stage methods) -------------------------------------------------------
+    def stage_starts(self) -> list[int]:
+        """Iterations at which stages 1, 2, ... begin (empty: a single-stage method)."""
+        return []
+
+    def stage_due(self) -> bool:
+        """True when the next stage begins at the current iteration and has not begun yet."""
+        starts = self.stage_starts()
+        return self.stage < len(starts) and self.iteration >= starts[self.stage]
+
+    def begin_stage(self, stage: int, context: Any) -> None:
+        """Enter `stage` (called by the engine at its start iteration; `context` is a
+        `dgnb.engine.stages.StageContext`: the unlabelled target set, the run folder). Must set `self.stage`."""
+        raise NotImplementedError(f"{self.name} lists stage starts but does not implement begin_stage")
+
+    def pseudo_label_root(self) -> tuple[str, str] | None:
+        """(data root, dataset name) of pseudo labels the current stage trains on, read as `target_label`
+        with the target images; None when the batches carry no target labels."""
+        return None
 
     # ----- weight averaging (EMA) -------------------------------------------------------------
     def enable_ema(self, decay: float) -> None:
@@ -195,6 +224,7 @@ class Method(nn.Module):
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "iteration": self.iteration,
+            "stage": self.stage,
             "extra": self.extra_state(),
             "ema": self.ema_state,
         }
@@ -202,7 +232,8 @@ class Method(nn.Module):
     def load_checkpoint_state(self, state: dict[str, Any], weights_only: bool = False) -> None:
         self.load_state_dict(state["module"])
         self.iteration = state["iteration"]
-        self.load_extra_state(state.get("extra", {}))
+        self.stage = state.get("stage", 0)
+        self.load_extra_state(state.get("extra", {}))  # may rebuild a later stage's optimizers before they load
         if self.ema_state is not None and state.get("ema") is not None:
             for k, v in state["ema"].items():
                 self.ema_state[k].copy_(v)

@@ -32,6 +32,7 @@ class ModelConfig:
     aux: bool = True
     num_classes: int = NUM_CLASSES
     ibn: str = "none"  # IBN-Net variant of the backbone: none, a (IBN-a) or b (IBN-b); dgnb.models.style.apply_ibn
+    disc_channels: int = 64  # width of the first conv of the output-space discriminators (UDA; the papers' 64)
 
 
 @dataclass
