@@ -234,10 +234,9 @@ entropies = pd.DataFrame({label: {f"{SOURCE} (source)": mean_entropy(m, src_imag
 entropies
 
 # %% [markdown]
-# Read the entropy maps by region: MinEnt darkens the target maps everywhere, including where its
-# prediction is wrong, while AdaptSegNet changes them only where the discriminator could tell the
-# domains apart. The table gives the mean over all pixels: the gap between source and target entropy
-# is the symptom of domain shift that ADVENT attacks.
+# Read the entropy maps region by region: where source only hesitates (bright), has the adapted model
+# become confident, and is its prediction there right? MinEnt lowers the entropy whatever the
+# prediction. The table's gap between source and target entropy is the symptom ADVENT attacks.
 
 # %% [markdown]
 # ## 6. The discriminators during training

@@ -125,8 +125,8 @@ disagreement_error_figure(curves)
 
 # %% [markdown]
 # A useful uncertainty gives a rising curve on the left and a curve well above the diagonal on the
-# right: the most disagreeing pixels hold far more than their share of the errors, on the target too,
-# which is what lets MRNet use the disagreement without labels.
+# right. Compare the domains: on the target the curves sit closer to the diagonal, because many target
+# errors are made by both heads together, and agreement cannot flag those.
 
 # %% [markdown]
 # ## 3. Memory regularization
@@ -245,8 +245,8 @@ disagreement_figure(images, after, per_domain=3 if PRESET != "smoke" else 2,
                     title="MRNet (Stage II): disagreement log(1 + 10 KL(P_a ‖ P_p)) of its two heads")
 
 # %% [markdown]
-# The target maps are much darker than the source-only model's: the heads now agree, which is what
-# $\mathcal{L}_{mr}$ asked for; whether they agree on the *right* class is what the mIoU table says.
+# Compare with the figure of section 1: darker target maps mean the heads now agree, which is what
+# $\mathcal{L}_{mr}$ asks for; whether they agree on the *right* class is what the mIoU table says.
 
 # %% [markdown]
 # ## 7. How much memory regularization? A sweep of λ_mr
