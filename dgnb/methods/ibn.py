@@ -18,16 +18,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..models import ModelConfig
 from ..models.style import IBN_VARIANTS
-from .base import Method, OptimConfig, make_hparams, register
-from .losses import segmentation_loss
+from .base import OptimConfig, make_hparams, register
+from .erm import ERM
 
 
 @register
-class IBNNet(Method):
+class IBNNet(ERM):
     name = "ibn"
 
     @dataclass
@@ -44,11 +42,3 @@ class IBNNet(Method):
             raise ValueError(f"ibn: model.ibn={model_cfg.ibn!r} contradicts hparams.variant={hp.variant!r}; set one "
                              f"of them (--set hparams.variant={model_cfg.ibn}, or leave model.ibn at none)")
         super().__init__(dataclasses.replace(model_cfg, ibn=hp.variant), optim, num_domains, hparams)
-
-    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        with self.autocast():
-            out = self.model(batch["image"])
-        loss, terms = segmentation_loss(out, batch["label"], self.hp.aux_weight)
-        self.backward(loss)
-        self.step("main")
-        return {"loss": loss.item(), **terms}

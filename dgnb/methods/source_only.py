@@ -11,25 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .base import Method, register
-from .losses import segmentation_loss
+from .base import register
+from .erm import ERM
 
 
 @register
-class SourceOnly(Method):
+class SourceOnly(ERM):
     name = "source_only"
     settings = ("dg", "uda")
 
     @dataclass
     class Hparams:
         aux_weight: float = 0.1  # λ_seg of the auxiliary (layer3) classifier (AdaptSegNet)
-
-    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        with self.autocast():
-            out = self.model(batch["image"])
-        loss, terms = segmentation_loss(out, batch["label"], self.hp.aux_weight)
-        self.backward(loss)
-        self.step("main")
-        return {"loss": loss.item(), **terms}
