@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dgnb.config import DataConfig, RunConfig, TrainConfig
 from dgnb.io import atomic_save_png, atomic_write_json
@@ -73,3 +74,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def same_checkpoints(a_dir: Path, b_dir: Path) -> dict:
+    """Assert that two runs' checkpoints hold the same method state (a bitwise resume): iteration, stage,
+    extra state, every module tensor, every optimizer state tensor and the schedules. Returns the first's."""
+    a = torch.load(Path(a_dir) / "checkpoint.pt", weights_only=False)["method"]
+    b = torch.load(Path(b_dir) / "checkpoint.pt", weights_only=False)["method"]
+    assert a["iteration"] == b["iteration"] and a["stage"] == b["stage"] and a["extra"] == b["extra"]
+    assert a["module"].keys() == b["module"].keys()
+    for k in a["module"]:
+        assert torch.equal(a["module"][k], b["module"][k]), k
+    for key, opt in a["optimizers"].items():
+        for p, state in opt["state"].items():
+            for s, v in state.items():
+                assert not torch.is_tensor(v) or torch.equal(v, b["optimizers"][key]["state"][p][s]), (key, p, s)
+    assert a["schedulers"] == b["schedulers"]
+    return a

@@ -22,7 +22,7 @@ from dgnb.methods.pseudo_labels import (PseudoLabels, apply_rule, class_balanced
 from dgnb.methods.uda import (SOURCE_LABEL, TARGET_LABEL, discriminator_loss, entropy_map, frozen,
                               generator_adversarial_loss, kl_divergence)
 from dgnb.models.discriminators import FCDiscriminator, MultiScaleDiscriminator
-from tests.conftest import toy_config
+from tests.conftest import same_checkpoints, toy_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
@@ -260,26 +260,12 @@ def test_source_only_run_is_shared_by_every_pair_and_uda_runs_are_not(toy_root):
 
 
 # ----- resume: discriminators, stages ------------------------------------------------------------------------------
-def _same_checkpoints(a_dir, b_dir):
-    a = torch.load(a_dir / "checkpoint.pt", weights_only=False)["method"]
-    b = torch.load(b_dir / "checkpoint.pt", weights_only=False)["method"]
-    assert a["iteration"] == b["iteration"] and a["stage"] == b["stage"] and a["extra"] == b["extra"]
-    for k in a["module"]:
-        assert torch.equal(a["module"][k], b["module"][k]), k
-    for key, opt in a["optimizers"].items():
-        for p, state in opt["state"].items():
-            for s, v in state.items():
-                assert not torch.is_tensor(v) or torch.equal(v, b["optimizers"][key]["state"][p][s]), (key, p, s)
-    assert a["schedulers"] == b["schedulers"]
-    return a
-
-
 def test_discriminator_state_survives_resume(toy_root, tmp_path):
     cfg = toy_config(toy_root, iterations=5, method="adaptsegnet")
     straight = train(cfg, root=tmp_path / "a", progress=False)
     train(cfg, root=tmp_path / "b", progress=False, stop_at=3)
     resumed = train(cfg, root=tmp_path / "b", progress=False)
-    state = _same_checkpoints(straight.dir, resumed.dir)
+    state = same_checkpoints(straight.dir, resumed.dir)
     assert {"main", "disc"} <= set(state["optimizers"]) and state["schedulers"]["disc"]["last_epoch"] == 5
     adam = state["optimizers"]["disc"]
     assert adam["param_groups"][0]["betas"] == (0.9, 0.99) and any("exp_avg" in s for s in adam["state"].values())
@@ -293,7 +279,7 @@ def test_mrnet_resumes_bitwise_across_the_stage_boundary(toy_root, tmp_path, sto
     interrupted = train(cfg, root=tmp_path / "b", progress=False, stop_at=stop)
     assert not interrupted.complete
     resumed = train(cfg, root=tmp_path / "b", progress=False)
-    state = _same_checkpoints(straight.dir, resumed.dir)
+    state = same_checkpoints(straight.dir, resumed.dir)
     assert state["stage"] == 1 and state["extra"]["pseudo_labels"] == "pseudo_labels/c-stage1"
     boundary = torch.load(straight.dir / "stage1.pt", weights_only=False)["method"]
     assert boundary["iteration"] == 3 and boundary["stage"] == 1  # the stage boundary is a checkpoint
