@@ -7,8 +7,12 @@ interleaved rounds so that drifting machine load hits all of them alike. Writes 
 A method may carry hyperparameters: `pinthemem:first_order=False` times the paper's second-order
 meta-gradient.
 
+In the UDA setting (`--setting uda`) every training batch also carries the target images the method
+adapts to (`target_image`, as many as source images), and the reference is usually `source_only`.
+MRNet is timed in its Stage I (Stage II's step is a plain self-training step, cheaper than Stage I's).
+
 Usage: python benchmarks/bench_methods.py [--methods erm mldg pinthemem pinthemem:first_order=False]
-                                          [--preset quick] [--device auto]
+                                          [--preset quick] [--setting dg] [--device auto] [--out FILE]
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["erm", "mldg", "pinthemem", "pinthemem:first_order=False"],
                    help="method specs; the first is the reference the ratios are taken to")
     p.add_argument("--preset", default="quick")
+    p.add_argument("--setting", default="dg", choices=("dg", "uda"))
     p.add_argument("--device", default="auto")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--steps", type=int, default=5, help="training steps per round")
@@ -65,7 +70,7 @@ def main() -> None:
     cfgs = {}
     for spec in names:
         method, hp = parse_spec(spec)
-        cfgs[spec] = preset(a.preset, method, 0, **{"train.device": str(device)}, **hp)
+        cfgs[spec] = preset(a.preset, method, 0, setting=a.setting, **{"train.device": str(device)}, **hp)
     methods = {m: make_method(c, device) for m, c in cfgs.items()}
     d = cfgs[names[0]].data
     n = d.batch_per_domain * len(d.sources)
@@ -73,6 +78,8 @@ def main() -> None:
     batch = {"image": torch.rand(n, 3, *d.crop, generator=g).to(device),
              "label": torch.randint(0, 19, (n, *d.crop), generator=g).to(device),
              "domain": torch.arange(len(d.sources)).repeat_interleave(d.batch_per_domain).to(device)}
+    if a.setting == "uda":
+        batch["target_image"] = torch.rand(d.target_batch or n, 3, *d.crop, generator=g).to(device)
     eval_images = torch.rand(8, 3, *tuple(d.base_size), generator=g).to(device)
     train_t = {m: [] for m in names}
     infer_t = {m: [] for m in names}
@@ -106,7 +113,7 @@ def main() -> None:
         rows[m] = {"parameters": params, "parameters_vs_erm": round(params / base_params, 4),
                    "train_s_per_iter": round(tr, 4), "train_vs_erm": round(tr / base_train, 3),
                    "infer_s_per_batch8": round(inf, 4), "infer_vs_erm": round(inf / base_infer, 3)}
-    out = {"preset": a.preset, "device": str(device), "machine": machine_info(), "threads": torch.get_num_threads(),
+    out = {"preset": a.preset, "setting": a.setting, "reference": names[0], "device": str(device), "machine": machine_info(), "threads": torch.get_num_threads(),
            "batch": n, "crop": list(d.crop), "eval_size": list(d.base_size), "methods": rows}
     atomic_write_json(a.out, out)
     print(f"| method | params | vs ref | train s/iter | vs ref | inference s/8 images | vs ref |  ({device})")

@@ -145,22 +145,39 @@ def compare_runs(runs: Sequence[Mapping[str, Any]], reference: str, confidence: 
     methods = list(dict.fromkeys(r["method"] for r in runs))
     if reference not in methods:
         raise ValueError(f"reference method '{reference}' has no runs; methods: {methods}")
-    out = {}
-    for m in methods:
-        if m == reference:
-            continue
-        seeds = sorted(s for (mm, s) in by if mm == m and (reference, s) in by)
-        pairs = [(by[(m, s)], by[(reference, s)]) for s in seeds]
+    return {m: contrast(runs, m, reference, confidence) for m in methods if m != reference}
 
-        def diff(get) -> dict[str, Any]:
-            return paired_difference([get(x) for x, _ in pairs], [get(y) for _, y in pairs], confidence)
 
-        targets = list(pairs[0][0]["target_miou"]) if pairs else []
-        out[m] = {"reference": reference, "seeds": seeds,
-                  "mean_target": diff(lambda r: r["mean_target_miou"]),
-                  "source_val": diff(lambda r: r["source_val_miou"]),
-                  "targets": {t: diff(lambda r, t=t: r["target_miou"][t]) for t in targets}}
-    return out
+def contrast(runs: Sequence[Mapping[str, Any]], method: str, reference: str, confidence: float = 0.95
+             ) -> dict[str, Any]:
+    """Paired differences `method` − `reference` on each target, the mean target and the source val (None
+    when a record has no source val, e.g. an earlier stage of a multi-stage run), over the seeds both have."""
+    by = {(r["method"], r["seed"]): r for r in runs}
+    for m in (method, reference):
+        if not any(mm == m for mm, _ in by):
+            raise ValueError(f"method '{m}' has no runs; methods: {list(dict.fromkeys(mm for mm, _ in by))}")
+    seeds = sorted(s for (mm, s) in by if mm == method and (reference, s) in by)
+    pairs = [(by[(method, s)], by[(reference, s)]) for s in seeds]
+
+    def diff(get) -> dict[str, Any]:
+        return paired_difference([get(x) for x, _ in pairs], [get(y) for _, y in pairs], confidence)
+
+    targets = [t for t in pairs[0][0]["target_miou"] if t in pairs[0][1]["target_miou"]] if pairs else []
+    has_source = all(x.get("source_val_miou") is not None and y.get("source_val_miou") is not None for x, y in pairs)
+    return {"reference": reference, "seeds": seeds,
+            "mean_target": diff(lambda r: r["mean_target_miou"]),
+            "source_val": diff(lambda r: r["source_val_miou"]) if has_source else None,
+            "targets": {t: diff(lambda r, t=t: r["target_miou"][t]) for t in targets}}
+
+
+def stage_records(run: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """`dgnb bench` records for the earlier stages of a multi-stage run (its metrics' `stage_results`): method
+    `"<method>@stage<k>"` for the weights that ended stage k (e.g. `mrnet@stage1`: MRNet after Stage I), with
+    the same seed and targets as the run; no source val (stages are scored on the targets only)."""
+    return [{"method": f"{run['method']}@stage{st['stage'] + 1}", "seed": run["seed"], "stage_of": run["method"],
+             "iteration": st["iteration"], "target_miou": st["target_miou"],
+             "mean_target_miou": st["mean_target_miou"], "source_val_miou": None, "train_seconds": None}
+            for st in run.get("stage_results") or []]
 
 
 # ----- what a categorical memory's read carries (Pin the Memory) ----------------------------------

@@ -81,11 +81,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
             raise SystemExit(f"unknown method '{m}'; registered methods: {','.join(sorted(REGISTRY))}")
     if args.reference and args.reference not in methods:
         raise SystemExit(f"--reference {args.reference} is not among --methods {','.join(methods)}; add it to --methods")
+    from .engine.bench import parse_contrasts
+
+    contrasts = parse_contrasts(args.contrast)
+    known = set(methods) | {f"{m}@stage{k}" for m in methods for k in range(1, 10)}
+    for a, b in contrasts:
+        for m in (a, b):
+            if m not in known:
+                raise SystemExit(f"--contrast names '{m}', which is not among --methods {','.join(methods)} "
+                                 "(or an earlier stage of one, METHOD@stageK); add it to --methods")
     res = bench(args.preset, methods, args.seeds, _overrides(args), args.force, args.out, not args.no_progress,
-                reference=args.reference, setting=args.setting)
+                reference=args.reference, setting=args.setting, contrasts=contrasts)
     print(res["table"])
     if res["comparison_table"]:
         print("\n" + res["comparison_table"])
+    if res["contrast_table"]:
+        print("\n" + res["contrast_table"])
     if args.out:
         print(f"\nwrote {args.out}")
 
@@ -208,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", help="write the JSON results here")
     p.add_argument("--reference", help="method the paired per-seed differences are taken to (default: the first)")
+    p.add_argument("--contrast", nargs="*", metavar="A:B",
+                   help="extra paired differences A − B, e.g. mrnet:mrnet@stage1 (METHOD@stageK: a multi-stage "
+                        "method's weights at the end of stage K)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("train", help="train one run (or return it from the run cache)")

@@ -74,6 +74,42 @@ def test_compare_runs_pairs_by_seed_and_tables():
         compare_runs(_runs(), "pinthemem")
 
 
+def test_stage_rows_and_contrasts():
+    """An earlier stage of a multi-stage run becomes its own row (no source val), and any two rows can be
+    contrasted: the papers' orderings (MRNet Stage II > Stage I > AdaptSegNet) are such contrasts."""
+    from dgnb.analysis import contrast, stage_records
+    from dgnb.engine.bench import parse_contrasts
+
+    runs = []
+    for seed, (a, s1, s2) in enumerate([(20, 22, 25), (21, 22.5, 26), (19, 21.2, 23.9)]):
+        runs.append({"method": "adaptsegnet", "seed": seed, "target_miou": {"near": a}, "mean_target_miou": a,
+                     "source_val_miou": 40.0})
+        runs.append({"method": "mrnet", "seed": seed, "target_miou": {"near": s2}, "mean_target_miou": s2,
+                     "source_val_miou": 39.0,
+                     "stage_results": [{"stage": 0, "iteration": 400, "target_miou": {"near": s1},
+                                        "mean_target_miou": s1}]})
+    stages = [rec for r in runs for rec in stage_records(r)]
+    assert [(r["method"], r["seed"], r["mean_target_miou"]) for r in stages] == [
+        ("mrnet@stage1", 0, 22), ("mrnet@stage1", 1, 22.5), ("mrnet@stage1", 2, 21.2)]
+    rows = runs + stages
+    c = contrast(rows, "mrnet@stage1", "adaptsegnet")
+    assert c["mean_target"]["mean"] == pytest.approx((2 + 1.5 + 2.2) / 3) and c["source_val"] is None
+    c = contrast(rows, "mrnet", "mrnet@stage1")
+    assert c["targets"]["near"]["mean"] == pytest.approx((3 + 3.5 + 2.7) / 3) and c["mean_target"]["excludes_zero"]
+    comp = compare_runs(rows, "adaptsegnet")
+    assert set(comp) == {"mrnet", "mrnet@stage1"} and comp["mrnet"]["source_val"]["mean"] == pytest.approx(-1)
+    table = comparison_table({"mrnet − mrnet@stage1": {"method": "mrnet", **c},
+                              "mrnet@stage1 − adaptsegnet": {"method": "mrnet@stage1",
+                                                             **contrast(rows, "mrnet@stage1", "adaptsegnet")}},
+                             {"a": {"role": "source"}, "near": {"role": "near"}})
+    assert "| mrnet − mrnet@stage1 | 3 | - |" in table and "| mrnet@stage1 − adaptsegnet |" in table
+    assert parse_contrasts(["mrnet:mrnet@stage1"]) == [("mrnet", "mrnet@stage1")]
+    with pytest.raises(ValueError, match="METHOD:REFERENCE"):
+        parse_contrasts(["mrnet"])
+    with pytest.raises(ValueError, match="no runs"):
+        contrast(rows, "minent", "adaptsegnet")
+
+
 # ----- batched augmentation ----------------------------------------------------------------------
 def test_batch_augment_identity_flip_and_padding():
     img = torch.randint(0, 256, (3, 8, 16), dtype=torch.uint8)

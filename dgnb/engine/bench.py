@@ -91,7 +91,9 @@ def machine_info() -> dict[str, Any]:
             "torch": torch.__version__, "gpu": gpu}
 
 
-def _fmt(values: Sequence[float]) -> str:
+def _fmt(values: Sequence[float | None]) -> str:
+    if any(v is None for v in values):
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
@@ -118,17 +120,31 @@ def comparison_table(comparisons: dict[str, dict[str, Any]], domains: dict[str, 
     if not comparisons:
         return ""
     targets = [d for d, r in domains.items() if r["role"] != "source"]
-    ref = next(iter(comparisons.values()))["reference"]
-    head = [f"method − {ref}", "seeds", "source val"] + targets + ["mean target"]
+    refs = list(dict.fromkeys(c["reference"] for c in comparisons.values()))
+    head = [f"method − {refs[0]}" if len(refs) == 1 else "difference", "seeds", "source val"] + targets + ["mean target"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, c in comparisons.items():
-        cells = [method, str(c["mean_target"]["n"]), format_difference(c["source_val"])]
+    for name, c in comparisons.items():
+        label = name if len(refs) == 1 else f"{c.get('method', name)} − {c['reference']}"
+        cells = [label, str(c["mean_target"]["n"]),
+                 format_difference(c["source_val"]) if c["source_val"] is not None else "-"]
         cells += [format_difference(c["targets"][t]) for t in targets] + [format_difference(c["mean_target"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    ref = refs[0] if len(refs) == 1 else "the second method of each row"
     lines.append(f"Paired difference to {ref} per seed, mean [95% interval, Student t over the seeds]; ✓: the "
                  "interval excludes zero (resolved). Without ✓ the difference is not resolved by these seeds.")
     return "\n".join(lines)
+
+
+def parse_contrasts(specs: Sequence[str] | None) -> list[tuple[str, str]]:
+    """'A:B' -> ('A', 'B'), the paired difference A − B (e.g. 'mrnet:mrnet@stage1')."""
+    out = []
+    for spec in specs or []:
+        a, sep, b = spec.partition(":")
+        if not sep or not a or not b:
+            raise ValueError(f"contrast '{spec}' must be METHOD:REFERENCE, e.g. mrnet@stage1:adaptsegnet")
+        out.append((a, b))
+    return out
 
 
 def check_output_file(out: str | Path | None) -> None:
@@ -149,10 +165,15 @@ def check_output_file(out: str | Path | None) -> None:
 
 def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overrides: dict[str, Any] | None = None,
           force: bool = False, out: str | Path | None = None, progress: bool = True,
-          reference: str | None = None, setting: str = "dg") -> dict[str, Any]:
+          reference: str | None = None, setting: str = "dg",
+          contrasts: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """Run every (method, seed); return {"preset", "domains", "runs", "table", "comparisons", "comparison_table"}
     and write it to `out`. `reference` (default: the first method) is what the paired differences are taken to.
-    `setting="uda"`: the UDA recipe, adapting to `data.uda_target` (docs/adaptation.md)."""
+    `setting="uda"`: the UDA recipe, adapting to `data.uda_target` (docs/adaptation.md).
+
+    A multi-stage method also gets a row per earlier stage (`mrnet@stage1`: its weights at the end of Stage I),
+    compared like a method. `contrasts`, pairs (A, B), add the paired differences A − B between any two rows
+    (e.g. ('mrnet', 'mrnet@stage1'), ('mrnet@stage1', 'adaptsegnet')) as `contrasts` / `contrast_table`."""
     configs = [preset(preset_name, m, s, setting=setting, **(overrides or {})) for m in methods for s in seeds]
     if not configs:
         raise ValueError("no runs: give at least one method and one seed")
@@ -166,14 +187,18 @@ def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overri
         if out is not None and len(runs) < len(configs):  # partial results as runs finish (atomic)
             atomic_write_json(out, {"preset": preset_name, "complete": False, "runs_planned": len(configs),
                                     "domains": domains, "runs": runs, "table": markdown_table(runs, domains)})
-    from ..analysis import compare_runs
+    from ..analysis import compare_runs, contrast, stage_records
 
+    stages = [rec for r in runs for rec in stage_records(r)]
+    rows = sorted(runs + stages, key=lambda r: [*methods, *(s["method"] for s in stages)].index(r["method"]))
     reference = reference or methods[0]
-    comparisons = compare_runs(runs, reference)
+    comparisons = compare_runs(rows, reference)
+    contrasted = {f"{a} − {b}": {"method": a, **contrast(rows, a, b)} for a, b in contrasts}
     result = {"preset": preset_name, "setting": setting, "uda_target": configs[0].data.uda_target,
-              "machine": machine_info(), "domains": domains, "runs": runs,
-              "table": markdown_table(runs, domains), "reference": reference, "comparisons": comparisons,
-              "comparison_table": comparison_table(comparisons, domains)}
+              "machine": machine_info(), "domains": domains, "runs": runs, "stages": stages,
+              "table": markdown_table(rows, domains), "reference": reference, "comparisons": comparisons,
+              "comparison_table": comparison_table(comparisons, domains),
+              "contrasts": contrasted, "contrast_table": comparison_table(contrasted, domains)}
     if out is not None:
         atomic_write_json(out, result)
     return result
