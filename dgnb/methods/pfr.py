@@ -51,7 +51,7 @@ def gram_matrix(features: torch.Tensor, norm: str = "cn") -> torch.Tensor:
     if norm not in GRAM_NORMS:
         raise ValueError(f"unknown Gram normalization '{norm}'; choose one of {GRAM_NORMS}")
     b, c, h, w = features.shape
-    f = features.float().reshape(b, c, h * w)
+    f = _full(features).reshape(b, c, h * w)
     scale = {"cn": c * h * w, "n": h * w, "none": 1}[norm]
     return torch.bmm(f, f.transpose(1, 2)) / scale
 
@@ -77,6 +77,11 @@ def match_sizes(source: torch.Tensor, target: torch.Tensor, mode: str = "resize"
     return _centre_crop(source, h, w), _centre_crop(target, h, w)
 
 
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors (mixed precision) in float32; float32 and float64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _centre_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
     return x[..., top : top + h, left : left + w]
@@ -89,7 +94,7 @@ def pair_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "l2") -> torch.T
     squared: ‖a − b‖₂²;  mse: the mean of the squared entries (independent of the tensor's size)."""
     if kind not in DISTANCES:
         raise ValueError(f"unknown distance '{kind}'; choose one of {DISTANCES}")
-    diff = (a.float() - b.float()).flatten(1)
+    diff = (_full(a) - _full(b)).flatten(1)
     if kind == "l2":
         return torch.linalg.vector_norm(diff, dim=1)
     if kind == "squared":
@@ -116,7 +121,7 @@ def content_loss(source: torch.Tensor, target: torch.Tensor, match: str = "resiz
     `match_sizes`. Between unrelated images it compares different scenes (docs/pfr.md, 'Content between
     unrelated images')."""
     source, target = pair_up(source, target)
-    source, target = match_sizes(source.float(), target.float(), match)
+    source, target = match_sizes(_full(source), _full(target), match)
     return pair_distance(source, target, distance).mean()
 
 
