@@ -118,8 +118,8 @@ def style_loss(source: torch.Tensor, target: torch.Tensor, gram_norm: str = "cn"
 def content_loss(source: torch.Tensor, target: torch.Tensor, match: str = "resize", distance: str = "l2"
                  ) -> torch.Tensor:
     """One stage's term of Eq. 3: the mean over image pairs of d(C^s, C^t), position by position after
-    `match_sizes`. Between unrelated images it compares different scenes (docs/pfr.md, 'Content between
-    unrelated images')."""
+    `match_sizes`. Between unrelated images it compares different scenes
+    (docs/pfr.md, 'Content between unrelated images')."""
     source, target = pair_up(source, target)
     source, target = match_sizes(_full(source), _full(target), match)
     return pair_distance(source, target, distance).mean()
