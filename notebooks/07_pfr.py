@@ -181,9 +181,7 @@ assert torch.isclose(pfr_loss(feats_s, feats_t), library, rtol=1e-4)  # your L_p
 from dgnb.analysis import stage_features
 from dgnb.viz.pfr import gram_figure
 
-runs = {label: {s: train(c) for s, c in by_seed.items()} for label, by_seed in
-        {"source only": configs["source only"]}.items()}  # the other runs train in §5
-baseline = runs["source only"][SEED].load_method()
+baseline = train(configs["source only"][SEED]).load_method()  # notebook 05's run; the others train in §5
 pair = (images[SOURCE][:1], images[TARGET][1:2])  # source val image 0, target val image 1
 
 
@@ -196,9 +194,9 @@ gram_figure({"source only": pair_grams(baseline)},
             title=f"source-only model: Gram matrices of a {SOURCE} image and a {TARGET} image, per stage")
 
 # %% [markdown]
-# Read the bottom row: a red or blue block is a pair of channels that fire together more in one domain
-# than in the other, and the relative size in each title says how large the style gap is at that
-# stage compared with the Gram matrices themselves.
+# Read the bottom row: a red block is a pair of channels that fire together more in the source image,
+# a blue one more in the target image, and the relative ‖ΔS‖ in each title says how large the style gap
+# is at that stage compared with the Gram matrices themselves.
 
 # %% [markdown]
 # ## 4. What the content term asks between unrelated images
@@ -207,7 +205,8 @@ gram_figure({"source only": pair_grams(baseline)},
 # causes of a distance: image k of every domain's val split shows the same street layout (paired
 # renders). With the source-only model, per stage: the distances between the same scene in the two
 # domains (only the style differs), between two different scenes of the source (only the content
-# differs), and between different scenes across the domains (what PFR trains on).
+# differs), and between different scenes across the domains (what PFR trains on). The distances are
+# shown relative to the size of the maps, ‖a − b‖ / ½(‖a‖ + ‖b‖), so that the stages compare.
 
 # %%
 from dgnb.analysis import refinement_distances
@@ -218,13 +217,14 @@ shifted = {dom: {st: v.roll(1, dims=0) for st, v in feats[dom].items()} for dom 
 kinds = {"same scene, two domains": refinement_distances(feats[SOURCE], feats[TARGET]),
          f"two scenes, {SOURCE} only": refinement_distances(feats[SOURCE], shifted[SOURCE]),
          "two scenes, two domains (PFR's pairs)": refinement_distances(feats[SOURCE], shifted[TARGET])}
-stage_distances_figure(kinds, ("style", "content"), log=True,
+stage_distances_figure(kinds, ("style_rel", "content_rel"),
                        title=f"source-only model, {len(images[SOURCE])} val pairs: what makes the distances large")
 
 # %% [markdown]
-# Compare the orange bars with the blue ones: in the content panel a change of scene alone costs about
-# as much as a change of domain, so between unrelated images most of $\mathcal{L}_{con}$ measures the
-# scenes, not the domains, while the style panel is what responds to the domain.
+# Compare the orange bars (another scene, same domain) with the blue ones (same scene, other domain):
+# in the content panel the change of scene costs more than the change of domain, so between unrelated
+# images $\mathcal{L}_{con}$ mostly measures the scenes, while in the style panel, which forgets where
+# things are, the two are close.
 
 # %% [markdown]
 # Maps of different sizes (two datasets' crops) cannot be subtracted position by position; the three
@@ -291,18 +291,20 @@ gram_figure({"source only": pair_grams(methods["source only"]), "PFR": pair_gram
             title=f"Gram matrices of a {SOURCE} and a {TARGET} image, before (source only) and after PFR")
 
 # %% [markdown]
-# Compare the difference rows of the two models stage by stage, through the relative size in their
-# titles: the absolute colours can fade simply because PFR shrinks its features.
+# Each model and stage has its own colour scale, so read the titles: the maxima say how large each
+# model's Gram matrices are, and the relative ‖ΔS‖ how far apart the two images' styles are for that
+# size; a smaller ‖ΔS‖ alone can come from smaller features rather than from closer styles.
 
 # %%
 after = {label: refinement_distances(*(stage_features(m.model, images[dom]) for dom in (SOURCE, TARGET)))
          for label, m in methods.items()}
-stage_distances_figure(after, ("style", "content", "style_rel", "content_rel"), log=True,
+stage_distances_figure(after, ("style", "content", "style_rel", "content_rel"),
                        title=f"{len(images[SOURCE])} {SOURCE}/{TARGET} val pairs of the same scene: distances per stage")
 
 # %% [markdown]
-# The relative panels (right) divide by the size of the features: a method aligns the domains when its
-# relative bars are lower than source only's, not merely its absolute ones (left).
+# A method aligns the domains when its relative bars (right) drop below source only's; when only its
+# absolute bars (left) fall, it has met $\mathcal{L}_{pfr}$ by shrinking its features, which an
+# unnormalised distance rewards just as well (docs/pfr.md, 'Shrinking instead of aligning').
 
 # %% [markdown]
 # ## 8. What the adversarial term adds, and the comparison over seeds
@@ -352,4 +354,7 @@ adversarial_history_figure({"AdaptSegNet": one["AdaptSegNet"], "PFR": one["PFR"]
 #    stages carry the effect at this scale?
 # 5. Set `PAIR = "far"` and rerun the notebook: is the style gap of §3 larger on the far target, and
 #    does PFR close more of it there?
-# 6. Add seeds (`SEEDS = [0, 1, 2, 3, 4]`) and watch the intervals of §8 shrink roughly as 1/√n.
+# 6. Section 7 asks whether PFR aligns the domains or shrinks its features. Rerun with
+#    `HPARAMS["distance"] = "mse"` (the mean of squares: its gradient vanishes as the difference does,
+#    where the norm's does not) and compare the relative bars of §7 with those of the default run.
+# 7. Add seeds (`SEEDS = [0, 1, 2, 3, 4]`) and watch the intervals of §8 shrink roughly as 1/√n.

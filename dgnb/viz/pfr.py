@@ -25,35 +25,47 @@ MEASURES = {"style": "style ‖S_s − S_t‖", "content": "content ‖C_s − C
 
 
 def gram_figure(grams: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]],
-                title: str | None = None) -> Figure:
+                title: str | None = None, shared_scale: bool = False) -> Figure:
     """`grams[model] = (source Grams, target Grams)`, each {stage: (C, C)} of one image. Rows per model:
     S of the source image, S of the target image, S_s − S_t; one column per stage.
 
-    In a column, the S panels of every model share one colour scale (0 to the largest entry), and the
-    difference panels a symmetric one, so models compare at a glance; each difference panel gives
-    ‖S_s − S_t‖ and its relative size ‖S_s − S_t‖ / ½(‖S_s‖ + ‖S_t‖)."""
+    The S panels of a model and stage share one colour scale, square-root stretched (0 to the largest
+    entry, given in their titles: a few channels dominate otherwise); the difference panel is symmetric
+    around 0 and clipped at the 99th percentile of |S_s − S_t|, with ‖S_s − S_t‖ and its relative size
+    ‖S_s − S_t‖ / ½(‖S_s‖ + ‖S_t‖) in its title. `shared_scale=True` uses one scale per stage for all
+    models (a model whose features are smaller then looks faded)."""
+    from matplotlib.colors import PowerNorm
+
     models = list(grams)
     stages = list(next(iter(grams.values()))[0])
-    vmax = {st: max(float(torch.maximum(g[0][st].abs().max(), g[1][st].abs().max())) for g in grams.values())
-            for st in stages}
-    dmax = {st: max(float((g[0][st] - g[1][st]).abs().max()) for g in grams.values()) or 1.0 for st in stages}
+
+    def top(g: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], st: str) -> float:
+        return max(float(g[0][st].abs().max()), float(g[1][st].abs().max()), 1e-12)
+
+    def clip(g: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], st: str) -> float:
+        return max(float(torch.quantile((g[0][st] - g[1][st]).abs().flatten().float(), 0.99)), 1e-12)
+
+    shared = {st: (max(top(g, st) for g in grams.values()), max(clip(g, st) for g in grams.values()))
+              for st in stages}
     rows = 3 * len(models)
     fig, axes = plt.subplots(rows, len(stages), figsize=(2.1 * len(stages) + 0.6, 1.85 * rows), squeeze=False)
     for m, model in enumerate(models):
         src, tgt = grams[model]
         for c, st in enumerate(stages):
+            vmax, dmax = shared[st] if shared_scale else (top(grams[model], st), clip(grams[model], st))
             diff = src[st] - tgt[st]
             norm = float(diff.norm())
             rel = norm / max(0.5 * float(src[st].norm() + tgt[st].norm()), 1e-12)
-            panels = [(src[st], "viridis", 0.0, vmax[st], f"{st} ({src[st].shape[0]} ch)"),
-                      (tgt[st], "viridis", 0.0, vmax[st], None),
-                      (diff, "RdBu_r", -dmax[st], dmax[st], f"‖ΔS‖ {norm:.3g} (rel {rel:.2f})")]
-            for k, (pic, cmap, lo, hi, head) in enumerate(panels):
+            heads = [f"{st} ({src[st].shape[0]} ch), max {float(src[st].abs().max()):.2g}",
+                     f"max {float(tgt[st].abs().max()):.2g}", f"‖ΔS‖ {norm:.2g} (relative {rel:.2f})"]
+            panels = [(src[st], "viridis", PowerNorm(0.5, 0.0, vmax)), (tgt[st], "viridis", PowerNorm(0.5, 0.0, vmax)),
+                      (diff, "RdBu_r", None)]
+            for k, (pic, cmap, cnorm) in enumerate(panels):
                 ax = axes[3 * m + k, c]
-                ax.imshow(pic.numpy(), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+                extra = {"norm": cnorm} if cnorm is not None else {"vmin": -dmax, "vmax": dmax}
+                ax.imshow(pic.numpy(), cmap=cmap, interpolation="nearest", **extra)
                 ax.set_xticks([]), ax.set_yticks([])
-                if head:
-                    ax.set_title(head, fontsize=7)
+                ax.set_title(heads[k], fontsize=7)
                 if c == 0:
                     ax.set_ylabel(f"{model}\n" + ("S, source", "S, target", "S_s − S_t")[k], fontsize=8)
     fig.suptitle(title or "Gram matrices S = F Fᵀ / (C N) of one source and one target image, per stage", fontsize=10)
@@ -63,10 +75,12 @@ def gram_figure(grams: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[st
 
 
 def stage_distances_figure(distances: Mapping[str, Mapping[str, Mapping[str, float]]],
-                           measures: Sequence[str] = ("style", "content"), log: bool = False,
+                           measures: Sequence[str] = ("style", "content"), log: bool = True,
                            title: str | None = None) -> Figure:
     """One panel per measure; in each, grouped bars per stage, one bar per entry of `distances`
-    ({label: {stage: {measure: value}}}, as `dgnb.analysis.refinement_distances` returns per label)."""
+    ({label: {stage: {measure: value}}}, as `dgnb.analysis.refinement_distances` returns per label).
+    `log`: a log scale for the absolute measures (their stages differ by orders of magnitude); the
+    relative ones (`*_rel`, in [0, 2]) stay linear."""
     labels = list(distances)
     stages = list(next(iter(distances.values())))
     fig, axes = plt.subplots(1, len(measures), figsize=(3.6 * len(measures) + 0.4, 3.2), squeeze=False)
@@ -81,13 +95,14 @@ def stage_distances_figure(distances: Mapping[str, Mapping[str, Mapping[str, flo
                 ax.bar_label(bars, fmt="%.2g", fontsize=6)
         ax.set_xticks(x, stages, fontsize=8)
         ax.set_title(MEASURES.get(measure, measure), fontsize=9)
-        if log:
+        if log and not measure.endswith("_rel"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3, axis="y")
-    axes[0, 0].legend(fontsize=7)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     plt.close(fig)
     return fig
 
