@@ -180,6 +180,55 @@ def stage_records(run: Mapping[str, Any]) -> list[dict[str, Any]]:
             for st in run.get("stage_results") or []]
 
 
+# ----- style and content of the backbone stages (PFR) ---------------------------------------------
+@torch.no_grad()
+def stage_features(model: Segmenter, images: torch.Tensor, stages: Sequence[str] = ("layer1", "layer2", "layer3",
+                   "layer4"), batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """The backbone's feature maps at `stages`, {stage: (B, C, h, w)} on CPU, in eval mode (the model's mode is
+    restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: dict[str, list[torch.Tensor]] = {s: [] for s in stages}
+    for i in range(0, len(images), batch_size):
+        feats, _ = model.encode(images[i : i + batch_size].to(device))
+        for s in stages:
+            out[s].append(feats[s].float().cpu())
+    model.train(was_training)
+    return {s: torch.cat(v) for s, v in out.items()}
+
+
+def refinement_distances(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                         gram_norm: str = "cn", match: str = "resize") -> dict[str, dict[str, float]]:
+    """Per stage, PFR's two distances between source image k and target image k (`stage_features` of each),
+    averaged over the pairs: {stage: {style, content, style_rel, content_rel}}.
+
+    style = ‖S_s − S_t‖ (Eq. 2's term) and content = ‖C_s − C_t‖ (Eq. 3's, sizes matched by `match`), and the
+    same divided by ½(‖·_s‖ + ‖·_t‖): relative distances in [0, 2] that do not fall when a network merely
+    shrinks its features (comparable across models)."""
+    from .methods.pfr import gram_matrix, match_sizes, pair_distance, pair_up
+
+    def both(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+        d = pair_distance(a, b, "l2")
+        size = 0.5 * (a.flatten(1).norm(dim=1) + b.flatten(1).norm(dim=1))
+        return float(d.mean()), float((d / size.clamp_min(1e-12)).mean())
+
+    out = {}
+    for stage in source:
+        s, t = pair_up(source[stage], target[stage])
+        style, style_rel = both(gram_matrix(s, gram_norm), gram_matrix(t, gram_norm))
+        content, content_rel = both(*match_sizes(s, t, match))
+        out[stage] = {"style": style, "content": content, "style_rel": style_rel, "content_rel": content_rel}
+    return out
+
+
+def bench_records(runs: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """`dgnb bench`-style records ({method, seed, target_miou, mean_target_miou, source_val_miou, ...}) of runs
+    grouped by label, {label: [Run over seeds]}, with the label as the method: variants of one method (PFR
+    with and without its adversarial term) stay apart in `compare_runs` and `seed_intervals_figure`."""
+    return [{**run.metrics, "method": label} for label, rs in runs.items() for run in rs]
+
+
 # ----- what a categorical memory's read carries (Pin the Memory) ----------------------------------
 @torch.no_grad()
 def memory_read_diagnostics(method, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 16

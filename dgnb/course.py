@@ -17,6 +17,8 @@ The notebooks build their configurations with the functions below (`erm_run`, `m
 - notebook 05 (adaptation): source only, AdaptSegNet and MinEnt in the UDA setting on `UDA_PAIR`;
 - notebook 06 (MRNet): MRNet (Stages I and II) on the same pair, and the λ_mr sweep on a short budget
   (`MR_SWEEP_ITERATIONS`, Stage I only).
+- notebook 07 (PFR): source only, AdaptSegNet, PFR and PFR without its adversarial term on the same pair,
+  for each of `PFR_SEEDS` (`pfr_runs`; the smoke preset keeps the first two seeds).
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ QUICK_RUN_SECONDS: dict[str, float] = {"erm": 100.0, "mldg": 110.0, "pinthemem":
                                        # UDA setting: one-thread CPU seconds of an 800-iteration run (source only
                                        # 170, MinEnt 290, AdaptSegNet 450, MRNet 380, from measured seconds per
                                        # iteration), written at QUICK_ITERATIONS as `run_seconds` scales them
-                                       "source_only": 242.0, "minent": 422.0, "adaptsegnet": 662.0, "mrnet": 557.0}
+                                       "source_only": 242.0, "minent": 422.0, "adaptsegnet": 662.0, "mrnet": 557.0,
+                                       # PFR: 0.72 times AdaptSegNet's seconds per iteration, measured side by
+                                       # side (one discriminator instead of two; the Gram matrices are cheap)
+                                       "pfr": 480.0}
 QUICK_ITERATIONS = 1200
 #: Of a quick run's seconds, the part that does not scale with iterations (final evaluation, 300 images per
 #: domain; it scales with the images evaluated instead).
@@ -77,6 +82,28 @@ UDA_NOTEBOOK_METHODS = {"source only": "source_only", "AdaptSegNet": "adaptsegne
 #: Notebook 06's λ_mr sweep: Stage I only, on a short budget (presets other than smoke).
 MR_SWEEP = (0.0, 0.1, 0.5)
 MR_SWEEP_ITERATIONS = 300
+
+
+#: Notebook 07: label -> (method, hyperparameters changed from its defaults), and the seeds of its intervals.
+PFR_NOTEBOOK_RUNS = {"source only": ("source_only", {}), "AdaptSegNet": ("adaptsegnet", {}), "PFR": ("pfr", {}),
+                     "PFR without L_adv": ("pfr", {"adv_weight_main": 0.0})}
+PFR_SEEDS = (0, 1, 2)
+
+
+def pfr_seeds(preset_name: str, seeds: Any = PFR_SEEDS) -> list[int]:
+    """Notebook 07's seeds: `seeds`, the first two on the smoke preset (an interval needs two)."""
+    return list(seeds)[:2] if preset_name == "smoke" else list(seeds)
+
+
+def pfr_runs(preset_name: str = "quick", seeds: Any = PFR_SEEDS, pair: str = UDA_PAIR,
+             hparams: dict[str, Any] | None = None) -> dict[str, dict[int, RunConfig]]:
+    """Notebook 07: label -> seed -> configuration. `hparams` (PFR's, changed from the defaults) reach both PFR
+    runs; the variant without the adversarial term sets `adv_weight_main = 0` on top."""
+    out: dict[str, dict[int, RunConfig]] = {}
+    for label, (method, extra) in PFR_NOTEBOOK_RUNS.items():
+        hp = {**(hparams or {}), **extra} if method == "pfr" else {}
+        out[label] = {s: uda_run(preset_name, method, s, pair, hp) for s in pfr_seeds(preset_name, seeds)}
+    return out
 
 
 def uda_run(preset_name: str, method: str, seed: int = 0, pair: str = UDA_PAIR,
@@ -143,6 +170,8 @@ def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
     candidates += [CourseRun("06_mrnet", "MRNet", uda_run(preset_name, "mrnet", seed))]
     candidates += [CourseRun("06_mrnet", f"λ_mr = {lam:g} (Stage I, short)", cfg)
                    for lam, cfg in mr_sweep_runs(preset_name, seed).items()]
+    candidates += [CourseRun("07_pfr", f"{label} seed {s}", cfg)
+                   for label, by_seed in pfr_runs(preset_name).items() for s, cfg in by_seed.items()]
     plan: dict[Path, CourseRun] = {}
     for item in candidates:
         item.dir = run_dir(item.config)

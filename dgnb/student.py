@@ -337,12 +337,54 @@ def check_mldg_gradient(fn: Callable) -> None:
             _close(losses[1].detach(), l_te.detach(), "the returned L_te")
 
 
+def check_style_gram(fn: Callable) -> None:
+    """S = F Fᵀ / (C N) per image (PFR's style, after Gatys et al.): values and gradient with respect to F."""
+    import torch
+
+    from .methods.pfr import gram_matrix
+
+    for seed, (c, h, w) in enumerate(((8, 3, 5), (4, 6, 2), (16, 1, 7))):
+        g = torch.Generator().manual_seed(seed)
+        feats = _random_features(g, 2, c, h, w)
+        probe = torch.randn(2, c, c, generator=g, dtype=torch.float64)
+        f1, f2 = feats.clone().requires_grad_(), feats.clone().requires_grad_()
+        mine, ref = fn(f1), gram_matrix(f2, "cn")
+        _close(mine.detach(), ref.detach(), f"S for C = {c}, N = {h * w}")
+        (mine * probe).sum().backward()
+        (ref * probe).sum().backward()
+        _close(f1.grad, f2.grad, "the gradient of S with respect to F")
+
+
+def check_pfr_loss(fn: Callable) -> None:
+    """L_pfr = Σ_i ‖S_i^s − S_i^t‖ + ‖C_i^s − C_i^t‖ (Eq. 2-4), mean over image pairs, on maps of equal size:
+    values and gradients with respect to both domains' features."""
+    import torch
+
+    from .methods.pfr import STAGES, refinement_loss
+
+    widths = (4, 6, 8, 8)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        src = {st: _random_features(g, 2, c, 4, 6) for st, c in zip(STAGES, widths)}
+        tgt = {st: 1.5 * _random_features(g, 2, c, 4, 6) for st, c in zip(STAGES, widths)}
+        leaves = [{k: v.clone().requires_grad_() for k, v in d.items()} for d in (src, tgt, src, tgt)]
+        mine, (ref, _) = fn(leaves[0], leaves[1]), refinement_loss(leaves[2], leaves[3])
+        _close(mine.detach(), ref.detach(), "L_pfr")
+        mine.backward()
+        ref.backward()
+        for st in STAGES:
+            _close(leaves[0][st].grad, leaves[2][st].grad, f"the gradient of L_pfr with respect to the source {st}")
+            _close(leaves[1][st].grad, leaves[3][st].grad, f"the gradient of L_pfr with respect to the target {st}")
+
+
 CHECKS: dict[str, Callable[[Callable], None]] = {
     "adapt_parameters": check_adapt_parameters,   # notebook 02: the inner step
     "mldg_gradient": check_mldg_gradient,         # notebook 02: the MLDG update
     "memory_read": check_memory_read,             # notebook 03: Eq. 4
     "memory_write": check_memory_write,           # notebook 03: Eq. 1-3
     "cohesion_loss": check_cohesion_loss,         # notebook 03: Eq. 6
+    "style_gram": check_style_gram,               # notebook 07: the Gram matrix
+    "pfr_loss": check_pfr_loss,                   # notebook 07: Eq. 2-4
 }
 
 

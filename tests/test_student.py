@@ -13,7 +13,8 @@ from dgnb import student
 
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 GRADED = {"02_meta_learning": {"adapt_parameters", "mldg_gradient"},
-          "03_pin_the_memory": {"memory_read", "memory_write", "cohesion_loss"}}
+          "03_pin_the_memory": {"memory_read", "memory_write", "cohesion_loss"},
+          "07_pfr": {"style_gram", "pfr_loss"}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
