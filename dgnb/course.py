@@ -45,15 +45,16 @@ SKIPPED_ABLATIONS = ("second order (paper)",)
 #: Wall seconds of one whole quick-preset run (1,200 iterations, periodic validation, final evaluation on
 #: 7 domains) on the reference machine (2 CPU cores), by method; used for the estimate only and filled in
 #: by measurement (README, "Preparing a lab"). A method missing here counts as the slowest one listed.
-QUICK_RUN_SECONDS: dict[str, float] = {"erm": 100.0, "mldg": 110.0, "pinthemem": 170.0, "ibn": 105.0, "isw": 115.0,
-                                       "spc": 135.0,
-                                       # UDA setting: one-thread CPU seconds of an 800-iteration run (source only
-                                       # 170, MinEnt 290, AdaptSegNet 450, MRNet 380, from measured seconds per
-                                       # iteration), written at QUICK_ITERATIONS as `run_seconds` scales them
-                                       "source_only": 242.0, "minent": 422.0, "adaptsegnet": 662.0, "mrnet": 557.0,
-                                       # PFR: 0.72 times AdaptSegNet's seconds per iteration, measured side by
-                                       # side (one discriminator instead of two; the Gram matrices are cheap)
-                                       "pfr": 480.0}
+QUICK_RUN_SECONDS: dict[str, float] = {
+    "erm": 100.0, "mldg": 110.0, "pinthemem": 170.0,
+    # style methods: ERM's training part times their cost per iteration relative to ERM (IBN 0.84, ISW 1.00,
+    # SPC 1.20; benchmarks/results/methods_speed_style.json)
+    "ibn": 88.0, "isw": 100.0, "spc": 115.0,
+    # UDA setting (800-iteration runs, written at QUICK_ITERATIONS as `run_seconds` scales them): AdaptSegNet
+    # measured whole, 221 s on 2 cores (195 s of training); the others from their cost per iteration relative
+    # to it (benchmarks/results/methods_speed_uda.json: source only 0.30, MinEnt 0.74, PFR 0.73, MRNet Stage I
+    # 1.58 and its Stage II about as cheap as source only)
+    "source_only": 113.0, "minent": 242.0, "adaptsegnet": 319.0, "mrnet": 330.0, "pfr": 240.0}
 QUICK_ITERATIONS = 1200
 #: Of a quick run's seconds, the part that does not scale with iterations (final evaluation, 300 images per
 #: domain; it scales with the images evaluated instead).
