@@ -9,7 +9,7 @@ import pytest
 from dgnb.cli import main as dgnb_main
 from dgnb.config import preset
 from dgnb.course import (QUICK_RUN_SECONDS, ablation_runs, course_plan, course_runs, estimate_seconds, method_runs,
-                         mr_sweep_runs, prepare_course, style_runs, uda_run)
+                         mr_sweep_runs, prepare_course, self_training_runs, style_runs, uda_run)
 from dgnb.engine.bench import PINTHEMEM_ABLATIONS, ablation_config
 from dgnb.engine.runs import run_dir
 
@@ -20,8 +20,9 @@ def test_the_plan_is_what_the_notebooks_train(tmp_path, monkeypatch):
     folders = [run_dir(p.config) for p in plan]
     # 3 full runs of notebook 03, ERM and MLDG seeds 1 and 2 of notebook 02, 10 short ablation rows, notebook 04's
     # IBN-Net, ISW and SPC (its ERM is the shared one); notebook 05's three UDA runs, notebook 06's MRNet run and
-    # its three short λ_mr rows
-    assert len(folders) == len(set(folders)) == 3 + 4 + 10 + 3 + 3 + 1 + 3
+    # its three short λ_mr rows; notebook 08's source only, CBST and DRSL over three seeds (source only seed 0 is
+    # notebook 05's)
+    assert len(folders) == len(set(folders)) == 3 + 4 + 10 + 3 + 3 + 1 + 3 + 8
     # notebooks 01, 02 and 03 (section 7): the preset's runs; notebook 03 section 12: ablation_config + short budget
     assert run_dir(preset("quick", "erm", 0)) == folders[0]
     assert plan[0].notebook == "01_domain_shift, 02_meta_learning, 03_pin_the_memory, 04_style"
@@ -34,10 +35,13 @@ def test_the_plan_is_what_the_notebooks_train(tmp_path, monkeypatch):
     assert [p.notebook for p in plan[17:20]] == ["04_style"] * 3
     assert {run_dir(c) for c in style_runs("quick").values()} == {folders[0], *folders[17:20]}
     assert run_dir(uda_run("quick", "mrnet")) == run_dir(preset("quick", "mrnet", setting="uda")) in folders[20:]
-    assert set(folders[24:]) == {run_dir(c) for c in mr_sweep_runs("quick").values()}
+    assert set(folders[24:27]) == {run_dir(c) for c in mr_sweep_runs("quick").values()}
+    notebook08 = {run_dir(c) for cfgs in self_training_runs("quick").values() for c in cfgs}
+    assert set(folders[27:]) | {run_dir(uda_run("quick", "source_only"))} == notebook08
+    assert run_dir(uda_run("quick", "cbst", 2)) in folders[27:] and len(notebook08) == 9
     # on smoke the ablation rows use the whole preset: full / ERM / MLDG are the section 7 runs; 02 adds seed 1;
-    # 04 adds IBN-Net, ISW and SPC; 05 its three UDA runs, 06 MRNet and its sweep
-    assert len(course_runs("smoke")) == 3 + 2 + 7 + 3 + 3 + 1 + 3
+    # 04 adds IBN-Net, ISW and SPC; 05 its three UDA runs, 06 MRNet and its sweep; 08 two seeds of three methods
+    assert len(course_runs("smoke")) == 3 + 2 + 7 + 3 + 3 + 1 + 3 + 5
     # the estimate: the reference machine's quick-run seconds, scaled by iterations and images evaluated
     assert estimate_seconds(preset("quick", "pinthemem")) == pytest.approx(QUICK_RUN_SECONDS["pinthemem"])
     assert estimate_seconds(ablation_config("quick", "ERM", 0, **short)) < QUICK_RUN_SECONDS["erm"] / 4
