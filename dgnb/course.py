@@ -17,6 +17,8 @@ The notebooks build their configurations with the functions below (`erm_run`, `m
 - notebook 05 (adaptation): source only, AdaptSegNet and MinEnt in the UDA setting on `UDA_PAIR`;
 - notebook 06 (MRNet): MRNet (Stages I and II) on the same pair, and the λ_mr sweep on a short budget
   (`MR_SWEEP_ITERATIONS`, Stage I only).
+- notebook 08 (self-training): source only, CBST and DRSL on the same pair, over `self_training_seeds`
+  (`self_training_runs`).
 """
 
 from __future__ import annotations
@@ -102,6 +104,25 @@ def mr_sweep_runs(preset_name: str = "quick", seed: int = 0, pair: str = UDA_PAI
             for lam in MR_SWEEP}
 
 
+#: Notebook 08's comparison: table label -> method, and the seeds it trains (`self_training_seeds`).
+SELF_TRAINING_METHODS = {"source only": "source_only", "CBST": "cbst", "DRSL": "drsl"}
+SELF_TRAINING_SEEDS = (0, 1, 2)
+
+
+def self_training_seeds(preset_name: str, seeds: Any = SELF_TRAINING_SEEDS) -> list[int]:
+    """Notebook 08's seeds: `seeds`, the first two on the smoke preset."""
+    return list(seeds) if preset_name != "smoke" else list(seeds)[:2]
+
+
+def self_training_runs(preset_name: str = "quick", seeds: Any = SELF_TRAINING_SEEDS, pair: str = UDA_PAIR,
+                       hparams: dict[str, dict[str, Any]] | None = None) -> dict[str, list[RunConfig]]:
+    """Notebook 08: label -> the configurations of source only, CBST and DRSL over the notebook's seeds;
+    `hparams[method]` holds a method's changed hyperparameters."""
+    hparams = hparams or {}
+    return {label: [uda_run(preset_name, m, s, pair, hparams=hparams.get(m)) for s in self_training_seeds(preset_name, seeds)]
+            for label, m in SELF_TRAINING_METHODS.items()}
+
+
 def ablation_overrides(preset_name: str) -> dict[str, Any]:
     """The short budget of the ablation rows: none on smoke (already seconds), else 150 iterations, 50 images."""
     if preset_name == "smoke":
@@ -143,6 +164,8 @@ def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
     candidates += [CourseRun("06_mrnet", "MRNet", uda_run(preset_name, "mrnet", seed))]
     candidates += [CourseRun("06_mrnet", f"λ_mr = {lam:g} (Stage I, short)", cfg)
                    for lam, cfg in mr_sweep_runs(preset_name, seed).items()]
+    candidates += [CourseRun("08_self_training_drsl", f"{label} seed {cfg.seed}", cfg)
+                   for label, cfgs in self_training_runs(preset_name).items() for cfg in cfgs]
     plan: dict[Path, CourseRun] = {}
     for item in candidates:
         item.dir = run_dir(item.config)
