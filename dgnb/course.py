@@ -119,7 +119,8 @@ def self_training_runs(preset_name: str = "quick", seeds: Any = SELF_TRAINING_SE
     """Notebook 08: label -> the configurations of source only, CBST and DRSL over the notebook's seeds;
     `hparams[method]` holds a method's changed hyperparameters."""
     hparams = hparams or {}
-    return {label: [uda_run(preset_name, m, s, pair, hparams=hparams.get(m)) for s in self_training_seeds(preset_name, seeds)]
+    seeds = self_training_seeds(preset_name, seeds)
+    return {label: [uda_run(preset_name, m, s, pair, hparams=hparams.get(m)) for s in seeds]
             for label, m in SELF_TRAINING_METHODS.items()}
 
 

@@ -132,8 +132,8 @@ balance_figure(conf, pred, portion=HPARAMS["cbst"]["target_portion"],
 
 # %%
 def class_thresholds(confidence, prediction, portion, num_classes=19):
-    """θ (num_classes,): per class, the ⌈portion · n_c⌉-th largest confidence among the n_c pixels predicted as it."""
-    ### BEGIN SOLUTION: per class c, sort the confidences of the pixels predicted as c in descending order; θ_c is the one at index ⌈portion · n_c⌉ − 1 (+inf when n_c = 0)
+    """θ (num_classes,): per class c, the ⌈portion · n_c⌉-th largest confidence of the n_c pixels predicted c."""
+    ### BEGIN SOLUTION: per class, sort its pixels' confidences descending; θ_c at index ⌈portion · n_c⌉ − 1
     theta = torch.full((num_classes,), math.inf)
     for c in range(num_classes):
         values = confidence[prediction == c]
@@ -159,7 +159,7 @@ assert torch.equal(theta, portion_thresholds(conf, pred, 0.2))  # your θ is the
 # %%
 def cbst_labels(probs, thresholds):
     """Pseudo labels (B, H, W) of class probabilities (B, K, H, W): argmax p/θ where max p/θ ≥ 1, else 255."""
-    ### BEGIN SOLUTION: divide by θ broadcast over (1, K, 1, 1); max over the class dimension; 255 where the max is below 1
+    ### BEGIN SOLUTION: divide by θ as (1, K, 1, 1); max over the classes; 255 where the max is below 1
     ratio = probs / thresholds.view(1, -1, 1, 1)
     best, label = ratio.max(1)
     label[best < 1] = 255
@@ -170,7 +170,7 @@ def cbst_labels(probs, thresholds):
 mine = cbst_labels(probs, theta)
 assert torch.equal(mine, label_pixels(probs, theta, "weighted"))  # your labels are the library's
 moved = ((mine != 255) & (mine != pred)).float().mean().item()
-print(f"kept {float((mine != 255).float().mean()):.1%} of the pixels; {moved:.2%} were given another class than the argmax")
+print(f"kept {float((mine != 255).float().mean()):.1%} of the pixels; {moved:.2%} got another class than the argmax")
 
 # %% [markdown]
 # ## 2. Train CBST: a source model, then rounds
@@ -300,8 +300,8 @@ from dgnb.methods.drsl import mode_log_likelihoods
 
 
 def mode_log_likelihood(e, modes, sigma=0.5):
-    """log p_{c,j}(e) = −‖e − μ_{c,j}‖² / (2σ²) (N, K, M) of embeddings e (N, D) and mode centres μ (K, M, D)."""
-    ### BEGIN SOLUTION: broadcast e to (N, 1, 1, D) against μ (1, K, M, D); sum the squared differences over D; divide by 2σ²
+    """log p_{c,j}(e) = −‖e − μ_{c,j}‖² / (2σ²) (N, K, M) of embeddings e (N, D), centres μ (K, M, D)."""
+    ### BEGIN SOLUTION: e as (N, 1, 1, D) against μ as (1, K, M, D); sum the squares over D; divide by 2σ²
     return -((e[:, None, None, :] - modes[None]) ** 2).sum(-1) / (2 * sigma**2)
     ### END SOLUTION
 
@@ -409,7 +409,7 @@ seed_runs = {label: [train(c) for c in cfgs] for label, cfgs in
              self_training_runs(PRESET, SEEDS, PAIR, {m: changed_hparams(m, HPARAMS[m]) for m in HPARAMS}).items()}
 results = results_over_seeds(seed_runs)
 target_points_figure(results, baseline="source only",
-                     title=f"mIoU per target over {len(seed_runs['CBST'])} seeds ({PRESET} preset, adapting to {TARGET})")
+                     title=f"mIoU per target over {len(seed_runs['CBST'])} seeds ({PRESET}, adapting to {TARGET})")
 
 # %% [markdown]
 # Read the right panel on the adapted target first: a filled marker is a difference to source only that

@@ -21,7 +21,7 @@ from dgnb.methods.drsl import (assigned_modes, class_scores, consistency_loss, d
                                squared_distances)
 from dgnb.methods.pseudo_labels import PseudoLabels, class_balanced_thresholds, score_pseudo_labels
 from dgnb.methods.self_training import (label_pixels, mine_classes, mining_window, portion_thresholds,
-                                        source_count, write_training_set)
+                                        source_count, write_round, write_training_set)
 from dgnb.models import ModelConfig
 from tests.conftest import same_checkpoints, toy_config
 
@@ -79,6 +79,34 @@ def test_portion_schedules_follow_the_crst_code():
     assert method.portions(2) == (0.25, 0.213)  # the source share: 0.2 + 0.013 per round
     short = build_method("cbst", ModelConfig(), OptimConfig(iterations=4), 1)
     assert short.stage_starts() == [2, 3]  # fewer iterations than rounds: fewer rounds, one iteration each
+
+
+def test_round_pseudo_labels_match_the_forward_pass_and_do_not_depend_on_the_cache(toy_root, tmp_path):
+    torch.manual_seed(0)
+    method = build_method("cbst", ModelConfig(head_channels=16, decoder_channels=16, low_proj=8),
+                          OptimConfig(iterations=10), 2).setup(torch.device("cpu")).eval()
+    target = SegFolder(toy_root, "c", "train", labels=False)
+    ids = [s.image.stem for s in target.samples]
+    images = torch.stack([target.tensors(i)[0] for i in range(len(target))]).float() / 255
+    with torch.no_grad():
+        forward = method.model(images).logits.softmax(1)
+        mirrored = method.model(images.flip(-1)).logits.softmax(1).flip(-1)
+    probs = method.target_probabilities(method.target_scores(images), tuple(images.shape[-2:]))
+    assert torch.allclose(probs, 0.5 * (forward + mirrored), atol=1e-5)  # the segmenter's own prediction, flipped
+
+    def batches():
+        return iter([(ids[:3], images[:3]), (ids[3:], images[3:])])
+
+    def paths(names):
+        return [next(s.image for s in target.samples if s.image.stem == n) for n in names]
+
+    sets = {}
+    for name, limit in (("cached", 1 << 30), ("predicted twice", 0)):
+        sets[name] = write_round(method.target_scores, batches, paths, tmp_path, name, 0.3,
+                                 finish=method.target_probabilities, cache_bytes=limit)
+    a, b = (sorted((p.folder / "train" / "labels").glob("*.png")) for p in sets.values())
+    assert len(a) == len(ids) and [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert {**sets["cached"].manifest, "name": None} == {**sets["predicted twice"].manifest, "name": None}
 
 
 # ----- rare-class mining --------------------------------------------------------------------------------------
@@ -170,7 +198,8 @@ def test_mode_log_likelihoods_match_a_hand_computation():
     assert torch.allclose(squared_distances(e, _modes()), torch.tensor([[[2.0, 1.0], [2.0, 13.0]]]))
     ll = mode_log_likelihoods(e, _modes(), sigma=0.5)
     assert torch.allclose(ll, torch.tensor([[[-4.0, -2.0], [-4.0, -26.0]]]))
-    assert torch.allclose(mode_log_likelihoods(e, _modes(), sigma=1.0), -0.5 * torch.tensor([[[2.0, 1.0], [2.0, 13.0]]]))
+    halved = -0.5 * torch.tensor([[[2.0, 1.0], [2.0, 13.0]]])
+    assert torch.allclose(mode_log_likelihoods(e, _modes(), sigma=1.0), halved)
     assert torch.allclose(class_scores(ll, "max"), torch.tensor([[-2.0, -4.0]]))  # P(C=c) = max over modes
     mix = torch.tensor([[math.log((math.exp(-4) + math.exp(-2)) / 2), math.log((math.exp(-4) + math.exp(-26)) / 2)]])
     assert torch.allclose(class_scores(ll, "mixture"), mix)

@@ -6,7 +6,8 @@ code starts from ("round 0"), trained here: L = CE(z_p, y_s) + aux_weight CE(z_a
 ending at T_0. It never sees a target image.
 
 Rounds r = 1 .. R (stages; each boundary is a checkpoint `stage<r>.pt` and the loader is rebuilt):
-    1. the current model predicts every target train image (softmax of the primary head, flip-averaged);
+    1. the current model predicts every target train image (softmax of the primary head, flip-averaged; the
+       classifier's low-resolution scores are kept between the two passes over the set);
     2. class-balanced thresholds θ_c at target portion p_r = min(p_0 + (r − 1) Δp, p_max)   (code: kc_parameters)
        (p_0 = 0.2, Δp = 0.05, p_max = 0.5, the code's `init_tgt_port`, `tgt_port_step`, `max_tgt_port`);
     3. pseudo labels ŷ = argmax_c p_c / θ_c kept where max_c p_c / θ_c ≥ 1  (the paper's closed-form solution
@@ -31,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from ..data.loaders import stable_seed
 from ..data.taxonomy import IGNORE_INDEX
 from .base import Method, register
 from .losses import segmentation_loss
-from .self_training import FORMS, SOURCE_BASES, PseudoLabels, flip_averaged, write_round, write_training_set
+from .self_training import FORMS, SOURCE_BASES, PseudoLabels, write_round, write_training_set
 
 PSEUDO_DIR = "pseudo_labels"
 
@@ -155,10 +157,28 @@ class CBST(Method):
                 scheduled(hp.source_portion, hp.source_portion_step, hp.source_portion_max, stage))
 
     @torch.no_grad()
-    def target_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities the pseudo labels are made from: softmax of the primary head (eval mode)."""
+    def target_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The primary head's class scores at the classifier's own resolution (before the upsampling to the
+        input size, so a round can keep those of a whole target set), of the images and, with `pseudo_flip`,
+        of their mirror images (eval mode)."""
+        def scores(x: torch.Tensor) -> torch.Tensor:
+            stages, feats = self.model.encode(x)
+            return self.model.head.decode(feats, stages).float()
+
+        x = images.to(self.device)
         with self.autocast():
-            return self.model(images.to(self.device)).logits.float().softmax(1)
+            return scores(x), (scores(x.flip(-1)) if self.hp.pseudo_flip else None)
+
+    def target_probabilities(self, scores: tuple[torch.Tensor, torch.Tensor | None], size: tuple[int, int]
+                             ) -> torch.Tensor:
+        """Class probabilities at `size` from `target_scores`: softmax of the bilinearly upsampled scores (what
+        the segmenter's forward computes), averaged with the mirrored prediction of the flipped image."""
+        def probabilities(z: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(z.to(self.device), size=size, mode="bilinear", align_corners=False).softmax(1)
+
+        main, flipped = scores
+        p = probabilities(main)
+        return p if flipped is None else 0.5 * (p + probabilities(flipped).flip(-1))
 
     def begin_stage(self, stage: int, context: Any) -> dict[str, Any]:
         """Round `stage`: pseudo labels of the target train set at portion p_r, the mixed training set with
@@ -169,10 +189,10 @@ class CBST(Method):
         portion, source_portion = self.portions(stage)
         name = f"{target}-round{stage}"
         pseudo = write_round(
-            flip_averaged(self.target_probabilities, self.hp.pseudo_flip), context.target_batches, context.images,
-            context.folder / PSEUDO_DIR, name, portion, self.hp.pseudo_form, self.hp.threshold_stride,
-            self.hp.mine_portion, self.hp.rare_classes,
-            info={"made_by": self.name, "round": stage, "iteration": self.iteration, "target": target})
+            self.target_scores, context.target_batches, context.images, context.folder / PSEUDO_DIR, name, portion,
+            self.hp.pseudo_form, self.hp.threshold_stride, self.hp.mine_portion, self.hp.rare_classes,
+            info={"made_by": self.name, "round": stage, "iteration": self.iteration, "target": target},
+            finish=self.target_probabilities)
         generator = torch.Generator().manual_seed(stable_seed("self-training round", cfg.seed, stage))
         composition = write_training_set(pseudo, f"{name}-train", tuple(cfg.data.crop), self.hp.mine_chance,
                                          source_sets(cfg) if source_portion > 0 else [], source_portion, generator,

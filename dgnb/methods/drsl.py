@@ -90,7 +90,7 @@ def squared_distances(embeddings: torch.Tensor, modes: torch.Tensor) -> torch.Te
 
 
 def mode_log_likelihoods(embeddings: torch.Tensor, modes: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
-    """log p_{c,j}(e) = −‖e − μ_{c,j}‖² / (2σ²) (N, K, M), up to a constant shared by every mode (Sec. 3.2)."""
+    """log p_{c,j}(e) = −‖e − μ_{c,j}‖² / (2σ²) (N, K, M), up to one constant for all modes (Sec. 3.2)."""
     return -squared_distances(embeddings, modes) / (2.0 * sigma**2)
 
 

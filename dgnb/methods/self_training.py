@@ -124,27 +124,35 @@ def mining_window(label: torch.Tensor, classes: Sequence[int], crop: tuple[int, 
 
 
 # ----- a round's pseudo labels on disk ----------------------------------------------------------------------
-def flip_averaged(probabilities: Callable[[torch.Tensor], torch.Tensor], flip: bool
-                  ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """p(x), or ½ (p(x) + flip(p(flip(x)))) with a horizontal flip (CRST's `--test-flipping`)."""
-    if not flip:
-        return probabilities
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [value] if torch.is_tensor(value) else [v for v in value if torch.is_tensor(v)]
 
-    def averaged(images: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (probabilities(images) + probabilities(images.flip(-1)).flip(-1))
 
-    return averaged
+def _to_cpu(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    return type(value)(v.detach().cpu() if torch.is_tensor(v) else v for v in value)
 
 
 @torch.no_grad()
-def write_round(probabilities: Callable[[torch.Tensor], torch.Tensor],
+def write_round(predict: Callable[[torch.Tensor], Any],
                 batches: Callable[[], Iterable[tuple[list[str], torch.Tensor]]],
                 image_paths: Callable[[list[str]], list[Path]], root: Path, name: str, portion: float,
                 form: str = "weighted", stride: int = 1, mine_portion: float = 1e-3, rare_count: int = 3,
-                info: dict[str, Any] | None = None) -> PseudoLabels:
+                info: dict[str, Any] | None = None,
+                finish: Callable[[Any, tuple[int, int]], torch.Tensor] | None = None,
+                cache_bytes: int = 1 << 30) -> PseudoLabels:
     """One round's pseudo labels of the whole target train split, written as `<root>/<name>/train/...` with a
-    `meta.json` manifest. `batches()` yields (ids, images) over the split (called twice: once for the
-    thresholds, once to label and write; the class probabilities of a whole set are not kept in memory).
+    `meta.json` manifest.
+
+    `predict(images)` returns the class probabilities (B, K, H, W), or, with `finish`, anything
+    `finish(output, (H, W))` turns into them (e.g. a classifier's low-resolution scores, which are small). The
+    split is read twice (`batches()` yields (ids, images)): once for the thresholds, which need every image,
+    once to label and write. The second pass reuses the first pass's outputs while they fit in `cache_bytes`
+    (the low-resolution scores of the city's 600 images take a few MB), and predicts again otherwise; it
+    never keeps the full-resolution probabilities of a whole set, only the confidence (float32: a
+    half-precision 1.0 would swallow the top of a confident class) and the predicted class of every
+    `stride`-th pixel.
 
     Manifest: as `pseudo_labels.make_pseudo_labels` (rule, thresholds, kept_overall, kept_fraction per class of
     the pixels *predicted* as it, predicted_share, accuracy = None until `score_pseudo_labels`), plus the
@@ -152,10 +160,20 @@ def write_round(probabilities: Callable[[torch.Tensor], torch.Tensor],
     pixel to another class), the mine classes and the rarest classes."""
     if form not in FORMS:
         raise ValueError(f"unknown pseudo-label form '{form}'; choose one of {FORMS}")
+    finish = finish or (lambda output, size: output)
+    cache: list[Any] | None = []
+    cached = 0
     confs, preds = [], []
     predicted = torch.zeros(NUM_CLASSES, dtype=torch.long)
     for _, images in batches():
-        conf, pred = probabilities(images).float().max(1)
+        output = predict(images)
+        if cache is not None:
+            cached += sum(t.numel() * t.element_size() for t in _tensors(output))
+            if cached <= cache_bytes:
+                cache.append(_to_cpu(output))
+            else:
+                cache = None  # too large to keep: the second pass predicts again
+        conf, pred = finish(output, tuple(images.shape[-2:])).float().max(1)
         predicted += torch.bincount(pred.reshape(-1).cpu(), minlength=NUM_CLASSES)[:NUM_CLASSES]
         confs.append(conf.reshape(-1)[::stride].cpu())
         preds.append(pred.reshape(-1)[::stride].cpu().to(torch.uint8))
@@ -165,8 +183,9 @@ def write_round(probabilities: Callable[[torch.Tensor], torch.Tensor],
     kept_as_predicted = torch.zeros(NUM_CLASSES, dtype=torch.long)
     labelled = torch.zeros(NUM_CLASSES, dtype=torch.long)
     ids: list[str] = []
-    for batch_ids, images in batches():
-        probs = probabilities(images).float()
+    for k, (batch_ids, images) in enumerate(batches()):
+        output = cache[k] if cache is not None else predict(images)
+        probs = finish(output, tuple(images.shape[-2:])).float()
         labels = label_pixels(probs, thresholds, form).cpu()
         pred = probs.argmax(1).cpu()
         kept = labels != IGNORE_INDEX

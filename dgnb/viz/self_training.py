@@ -266,7 +266,7 @@ def mode_explorer(method: Any, images: torch.Tensor, labels: torch.Tensor | None
         counts = np.bincount(modes[mask], minlength=method.hp.num_modes)
         fig, axes = plt.subplots(1, 4, figsize=(14, 2.6))
         pics = [(img, "image", None), (colorize(preds[i].numpy()), "segmentation head", None),
-                (mode_overlay(img, mask, modes), f"'{CLASSES[c]}' pixels by mode: "
+                (mode_overlay(img, mask, modes), f"'{CLASSES[c]}' pixels per mode: "
                  + " / ".join(f"{n}" for n in counts), None),
                 (posterior[i, c].numpy(), f"MMDL posterior P({CLASSES[c]} | e)", "viridis")]
         for ax, (pic, head, cmap) in zip(axes, pics):
