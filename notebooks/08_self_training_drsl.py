@@ -51,7 +51,7 @@ HPARAMS = {  # per method (dgnb.methods.<name>.Hparams); only changed values ent
              "target_portion": 0.2,    # p of round 1, + target_portion_step per round, up to target_portion_max
              "pseudo_form": "weighted",  # weighted: argmax p/θ (CBST) | quantile: argmax p, kept if p ≥ θ
              "mine_chance": 0.8,       # probability of a crop centred on a rare class
-             "source_portion": 0.03},  # share of the source images mixed into each round's set
+             "source_portion": 0.2},   # source images' share of round 1's set (+0.013 per round)
     "drsl": {"num_modes": 3,           # M modes per class
              "sigma": 0.5,             # σ of every mode
              "triplet_weight": 0.25,   # λ1 (Eq. 4, 7)
@@ -178,9 +178,10 @@ print(f"kept {float((mine != 255).float().mean()):.1%} of the pixels; {moved:.2%
 # runs `rounds` rounds. At each round boundary, a checkpoint, the current model labels every target
 # train image (portion 20%, then 25%, 30%), the labels are written next to the run with a manifest, and
 # the round's training set is built: the pseudo-labelled target images, some of them replaced by
-# patches cropped around rare classes, plus 3% of the source images with their true labels. Each round
-# restarts SGD at a fifth of the learning rate, constant, as the code does. The first time this cell
-# takes a few minutes on 2 CPU cores; afterwards it is instant.
+# patches cropped around rare classes, plus labelled source images making a fifth of the set (what the
+# code's 3% of GTA5 makes next to Cityscapes; docs/self_training.md). Each round restarts SGD at a fifth
+# of the learning rate, constant, as the code does. The first time this cell takes a few minutes on 2 CPU
+# cores; afterwards it is instant.
 
 # %%
 from dgnb.viz import plot_history

@@ -351,3 +351,14 @@ def test_self_training_smoke_runs(method, smoke_home, monkeypatch):
         assert set(manifest["kept_fraction"]) <= set(CLASSES) and 0 < manifest["kept_overall"] < 1
     accuracy = score_pseudo_labels(sets[0], cfg.data.root, "near")  # analysis only, after training
     assert 0 <= accuracy["overall"] <= 1 and sets[0].manifest["accuracy"] == accuracy
+
+
+def test_notebook_08_lists_the_defaults_so_it_reads_the_course_runs():
+    from pathlib import Path
+
+    from dgnb.methods.base import changed_hparams
+    from tests.test_notebooks import parameters
+
+    hparams = parameters(Path(__file__).parents[1] / "notebooks" / "08_self_training_drsl.py")["HPARAMS"]
+    assert set(hparams) == {"cbst", "drsl"}
+    assert all(changed_hparams(m, values) == {} for m, values in hparams.items())  # dgnb course prepare trains them
