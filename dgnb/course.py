@@ -19,6 +19,8 @@ The notebooks build their configurations with the functions below (`erm_run`, `m
   (`MR_SWEEP_ITERATIONS`, Stage I only).
 - notebook 07 (PFR): source only, AdaptSegNet, PFR and PFR without its adversarial term on the same pair,
   for each of `PFR_SEEDS` (`pfr_runs`; the smoke preset keeps the first two seeds).
+- notebook 08 (self-training): source only, CBST and DRSL on the same pair, over `self_training_seeds`
+  (`self_training_runs`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ QUICK_RUN_SECONDS: dict[str, float] = {
     # measured whole, 221 s on 2 cores (195 s of training); the others from their cost per iteration relative
     # to it (benchmarks/results/methods_speed_uda.json: source only 0.30, MinEnt 0.74, PFR 0.73, MRNet Stage I
     # 1.58 and its Stage II about as cheap as source only)
-    "source_only": 113.0, "minent": 242.0, "adaptsegnet": 319.0, "mrnet": 330.0, "pfr": 240.0}
+    "source_only": 113.0, "minent": 242.0, "adaptsegnet": 319.0, "mrnet": 330.0, "pfr": 240.0,
+    # self-training, wall seconds of whole 800-iteration runs (pseudo labels of 3 rounds and the evaluation of
+    # every stage included: CBST 360, DRSL 440), measured on a shared machine, written at QUICK_ITERATIONS
+    "cbst": 528.0, "drsl": 648.0}
 QUICK_ITERATIONS = 1200
 #: Of a quick run's seconds, the part that does not scale with iterations (final evaluation, 300 images per
 #: domain; it scales with the images evaluated instead).
@@ -130,6 +135,26 @@ def mr_sweep_runs(preset_name: str = "quick", seed: int = 0, pair: str = UDA_PAI
             for lam in MR_SWEEP}
 
 
+#: Notebook 08's comparison: table label -> method, and the seeds it trains (`self_training_seeds`).
+SELF_TRAINING_METHODS = {"source only": "source_only", "CBST": "cbst", "DRSL": "drsl"}
+SELF_TRAINING_SEEDS = (0, 1, 2)
+
+
+def self_training_seeds(preset_name: str, seeds: Any = SELF_TRAINING_SEEDS) -> list[int]:
+    """Notebook 08's seeds: `seeds`, the first two on the smoke preset."""
+    return list(seeds) if preset_name != "smoke" else list(seeds)[:2]
+
+
+def self_training_runs(preset_name: str = "quick", seeds: Any = SELF_TRAINING_SEEDS, pair: str = UDA_PAIR,
+                       hparams: dict[str, dict[str, Any]] | None = None) -> dict[str, list[RunConfig]]:
+    """Notebook 08: label -> the configurations of source only, CBST and DRSL over the notebook's seeds;
+    `hparams[method]` holds a method's changed hyperparameters."""
+    hparams = hparams or {}
+    seeds = self_training_seeds(preset_name, seeds)
+    return {label: [uda_run(preset_name, m, s, pair, hparams=hparams.get(m)) for s in seeds]
+            for label, m in SELF_TRAINING_METHODS.items()}
+
+
 def ablation_overrides(preset_name: str) -> dict[str, Any]:
     """The short budget of the ablation rows: none on smoke (already seconds), else 150 iterations, 50 images."""
     if preset_name == "smoke":
@@ -173,6 +198,8 @@ def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
                    for lam, cfg in mr_sweep_runs(preset_name, seed).items()]
     candidates += [CourseRun("07_pfr", f"{label} seed {s}", cfg)
                    for label, by_seed in pfr_runs(preset_name).items() for s, cfg in by_seed.items()]
+    candidates += [CourseRun("08_self_training_drsl", f"{label} seed {cfg.seed}", cfg)
+                   for label, cfgs in self_training_runs(preset_name).items() for cfg in cfgs]
     plan: dict[Path, CourseRun] = {}
     for item in candidates:
         item.dir = run_dir(item.config)
