@@ -414,7 +414,7 @@ seed_runs = {label: [train(c) for c in cfgs] for label, cfgs in
              self_training_runs(PRESET, SEEDS, PAIR, {m: changed_hparams(m, HPARAMS[m]) for m in HPARAMS}).items()}
 results = results_over_seeds(seed_runs)
 target_points_figure(results, baseline="source only",
-                     title=f"mIoU per target over {len(seed_runs['CBST'])} seeds ({PRESET}, adapting to {TARGET})")
+                     title=f"mIoU per target, seeds {SEEDS[:len(seed_runs['CBST'])]} ({PRESET}, adapting to {TARGET})")
 
 # %% [markdown]
 # Read the right panel on the adapted target first: a filled marker is a difference to source only that
