@@ -78,8 +78,9 @@ def balance_figure(confidence: torch.Tensor, prediction: torch.Tensor, portion: 
 
 
 def rounds_figure(manifests: Sequence[Mapping[str, Any]], top: int | None = None, title: str | None = None) -> Figure:
-    """Two panels over the classes predicted in the first round (by share): the kept fraction of the pixels
-    predicted as the class, and the accuracy of its kept labels, one bar per round (`accuracy` is filled by
+    """Three panels over the classes predicted in the first round (by share), one bar per round: the class's
+    share of the target pixels the model predicts (log scale: how the predictions drift from round to round),
+    the kept fraction of those pixels, and the accuracy of the kept labels (`accuracy`, filled by
     `score_pseudo_labels`). The legend gives each round's portion, kept share and overall accuracy."""
     first = manifests[0]["predicted_share"]
     classes = sorted(first, key=lambda c: -first[c])[:top]
@@ -88,13 +89,18 @@ def rounds_figure(manifests: Sequence[Mapping[str, Any]], top: int | None = None
         acc = (m.get("accuracy") or {}).get("overall")
         names.append(f"round {m.get('round', len(names) + 1)}: p = {m['rule']['portion']:g}, kept "
                      f"{m['kept_overall']:.0%}" + (f", accuracy {acc:.0%}" if acc is not None else ""))
-    fig, (ax_k, ax_a) = plt.subplots(1, 2, figsize=(max(10.0, 0.9 * len(classes) + 4), 3.6))
+    fig, (ax_s, ax_k, ax_a) = plt.subplots(3, 1, figsize=(max(8.0, 0.55 * len(classes) + 3), 8.4), sharex=True)
+    shares = {n: [m["predicted_share"].get(c, 0.0) for c in classes] for n, m in zip(names, manifests)}
+    _class_bars(ax_s, classes, shares, "share of the predicted pixels")
+    ax_s.set_yscale("log")
+    ax_s.set_ylim(max(1e-5, min(v for vs in shares.values() for v in vs if v > 0) / 2), 1.0)
     _class_bars(ax_k, classes, {n: [m["kept_fraction"].get(c, 0.0) for c in classes] for n, m in zip(names, manifests)},
-                "kept fraction of the class's predicted pixels")
+                "kept fraction of those")
     _class_bars(ax_a, classes, {n: [((m.get("accuracy") or {}).get("per_class") or {}).get(c, 0.0) for c in classes]
                                 for n, m in zip(names, manifests)}, "accuracy of the kept labels")
-    ax_k.legend(fontsize=7)
-    ax_k.set_title("how much of each class the rounds keep", fontsize=9)
+    ax_s.legend(fontsize=7, loc="lower left")
+    ax_s.set_title("what the model predicts on the target, round by round", fontsize=9)
+    ax_k.set_title("what the class-balanced rule keeps of it", fontsize=9)
     ax_a.set_title("how often the kept labels are right (analysis only: the target's labels)", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
