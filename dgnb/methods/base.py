@@ -104,11 +104,21 @@ class Method(nn.Module):
             {"params": head, "lr": self.optim_cfg.lr * self.optim_cfg.head_lr_mult},
         ]
 
-    def add_sgd(self, key: str, groups: list[dict[str, Any]] | Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    def add_sgd(self, key: str, groups: list[dict[str, Any]] | Iterator[nn.Parameter], lr_mult: float = 1.0,
+                iterations: int | None = None, power: float | None = None) -> torch.optim.Optimizer:
+        """SGD (the config's momentum and weight decay) at `lr_mult` x the learning rates, with a poly schedule
+        over `iterations` (default: the run's) of `power` (default: the config's). A multi-stage method calls it
+        again at a stage boundary to restart SGD (momentum buffers reset) over that stage's iterations."""
         c = self.optim_cfg
-        opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        groups = list(groups)
+        for g in groups:
+            if isinstance(g, dict):
+                g["lr"] *= lr_mult
+        opt = torch.optim.SGD(groups, lr=c.lr * lr_mult, momentum=c.momentum, weight_decay=c.weight_decay)
         self.optimizers[key] = opt
-        self.schedulers[key] = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=c.iterations, power=c.poly_power)
+        self.schedulers[key] = torch.optim.lr_scheduler.PolynomialLR(
+            opt, total_iters=max(1, c.iterations if iterations is None else iterations),
+            power=c.poly_power if power is None else power)
         return opt
 
     # ----- the training iteration -----------------------------------------------------------
@@ -181,6 +191,18 @@ class Method(nn.Module):
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward(**kwargs)
+
+    def supervised_step(self, images: torch.Tensor, labels: torch.Tensor, aux_weight: float) -> dict[str, float]:
+        """One step of cross-entropy on labelled images (`segmentation_loss`, auxiliary head at `aux_weight`):
+        ERM's whole step, and the source warm-up of self-training methods."""
+        from .losses import segmentation_loss
+
+        with self.autocast():
+            out = self.model(images)
+        loss, terms = segmentation_loss(out, labels, aux_weight)
+        self.backward(loss)
+        self.step("main")
+        return {"loss": loss.item(), **terms}
 
     def step(self, key: str = "main") -> None:
         """Average gradients over processes (torchrun), apply optimizer `key`, clear its gradients."""

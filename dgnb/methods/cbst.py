@@ -139,16 +139,9 @@ class CBST(Method):
     def configure_round(self, stage: int) -> None:
         """A fresh SGD for round `stage` (momentum reset, as the code builds one per round) at round_lr_mult x
         the learning rates, schedule poly(round_poly_power) over the round's iterations."""
-        c = self.optim_cfg
-        groups = self.param_groups(self.model)
-        for g in groups:
-            g["lr"] *= self.hp.round_lr_mult
-        opt = torch.optim.SGD(groups, lr=c.lr * self.hp.round_lr_mult, momentum=c.momentum,
-                              weight_decay=c.weight_decay)
         first, end = self.round_span(stage)
-        self.optimizers["main"] = opt
-        self.schedulers["main"] = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=max(1, end - first),
-                                                                        power=self.hp.round_poly_power)
+        self.add_sgd("main", self.param_groups(self.model), lr_mult=self.hp.round_lr_mult, iterations=end - first,
+                     power=self.hp.round_poly_power)
 
     def portions(self, stage: int) -> tuple[float, float]:
         """(target portion p_r, source portion s_r) of round `stage`."""
@@ -236,12 +229,7 @@ class CBST(Method):
 
     def warmup_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """The source model: CE on the labelled source images only."""
-        with self.autocast():
-            out = self.model(batch["image"])
-        loss, terms = segmentation_loss(out, batch["label"], self.hp.aux_weight)
-        self.backward(loss)
-        self.step("main")
-        return {"loss": loss.item(), **terms}
+        return self.supervised_step(batch["image"], batch["label"], self.hp.aux_weight)
 
     def pseudo_loss(self, out: Any, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """CE of both heads on the round's labels (pseudo labels, or source labels of the mixed-in portion);

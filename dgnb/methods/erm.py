@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, register
-from .losses import segmentation_loss
 
 
 @register
@@ -23,9 +22,4 @@ class ERM(Method):
         aux_weight: float = 0.4  # RobustNet/PinMem "dsn" auxiliary weight
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        with self.autocast():
-            out = self.model(batch["image"])
-        loss, terms = segmentation_loss(out, batch["label"], self.hp.aux_weight)
-        self.backward(loss)
-        self.step("main")
-        return {"loss": loss.item(), **terms}
+        return self.supervised_step(batch["image"], batch["label"], self.hp.aux_weight)

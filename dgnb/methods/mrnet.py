@@ -130,15 +130,8 @@ class MRNet(AdaptationMethod):
 
     def configure_stage2(self) -> None:
         """A fresh SGD (momentum buffers reset) at `stage2_lr_mult` x lr, poly over Stage II's iterations."""
-        c = self.optim_cfg
-        groups = self.param_groups(self.model)
-        for g in groups:
-            g["lr"] *= self.hp.stage2_lr_mult
-        opt = torch.optim.SGD(groups, lr=c.lr * self.hp.stage2_lr_mult, momentum=c.momentum,
-                              weight_decay=c.weight_decay)
-        self.optimizers["main"] = opt
-        remaining = max(1, c.iterations - self.stage1_iterations)
-        self.schedulers["main"] = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=remaining, power=c.poly_power)
+        self.add_sgd("main", self.param_groups(self.model), lr_mult=self.hp.stage2_lr_mult,
+                     iterations=self.optim_cfg.iterations - self.stage1_iterations)
 
     def pseudo_label_root(self) -> tuple[str, str] | None:
         if self.stage == 0 or self.pseudo_labels is None:
