@@ -190,7 +190,8 @@ def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overri
     from ..analysis import compare_runs, contrast, stage_records
 
     stages = [rec for r in runs for rec in stage_records(r)]
-    rows = sorted(runs + stages, key=lambda r: [*methods, *(s["method"] for s in stages)].index(r["method"]))
+    order = list(dict.fromkeys([*methods, *(s["method"] for s in stages)]))  # the methods, then their earlier stages
+    rows = sorted(runs + stages, key=lambda r: order.index(r["method"]))
     reference = reference or methods[0]
     comparisons = compare_runs(rows, reference)
     contrasted = {f"{a} − {b}": {"method": a, **contrast(rows, a, b)} for a, b in contrasts}
