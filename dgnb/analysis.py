@@ -141,7 +141,6 @@ def compare_runs(runs: Sequence[Mapping[str, Any]], reference: str, confidence: 
     """For every method other than `reference`: paired differences (method − reference) on each target, the
     mean target and the source val, over the seeds both have. `runs` are `dgnb bench` records
     (method, seed, target_miou, mean_target_miou, source_val_miou)."""
-    by = {(r["method"], r["seed"]): r for r in runs}
     methods = list(dict.fromkeys(r["method"] for r in runs))
     if reference not in methods:
         raise ValueError(f"reference method '{reference}' has no runs; methods: {methods}")
@@ -220,6 +219,23 @@ def refinement_distances(source: Mapping[str, torch.Tensor], target: Mapping[str
         content, content_rel = both(*match_sizes(s, t, match))
         out[stage] = {"style": style, "content": content, "style_rel": style_rel, "content_rel": content_rel}
     return out
+
+
+def shipped_bench(name: str, methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The records of a `dgnb bench --out` file the repository ships in `benchmarks/results/` (runs, then the
+    rows of earlier stages such as `cbst@stage2`), optionally only those of `methods`: the notebooks read their
+    five-seed comparisons from these instead of training every seed in the lab."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the shipped benchmark files live in the repository's "
+                                "benchmarks/results (install dgnb from a clone with `make setup`, or rerun the "
+                                "bench command the README gives for it)")
+    data = json.loads(path.read_text())
+    records = data["runs"] + data.get("stages", [])
+    return [r for r in records if methods is None or r["method"] in methods]
 
 
 def bench_records(runs: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:

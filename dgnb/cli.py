@@ -91,7 +91,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 raise SystemExit(f"--contrast names '{m}', which is not among --methods {','.join(methods)} "
                                  "(or an earlier stage of one, METHOD@stageK); add it to --methods")
     res = bench(args.preset, methods, args.seeds, _overrides(args), args.force, args.out, not args.no_progress,
-                reference=args.reference, setting=args.setting, contrasts=contrasts)
+                reference=args.reference, setting=args.setting, contrasts=contrasts, reuse=args.reuse or ())
+    if res.get("reused"):
+        print("reused from earlier bench files, not trained here: " + ", ".join(res["reused"]))
     print(res["table"])
     if res["comparison_table"]:
         print("\n" + res["comparison_table"])
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contrast", nargs="*", metavar="A:B",
                    help="extra paired differences A − B, e.g. mrnet:mrnet@stage1 (METHOD@stageK: a multi-stage "
                         "method's weights at the end of stage K)")
+    p.add_argument("--reuse", nargs="*", metavar="FILE",
+                   help="earlier `dgnb bench --out` files: their runs of the same set-up (all requested seeds) stand "
+                        "in for training those methods, e.g. to add a method to a measured table")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("train", help="train one run (or return it from the run cache)")

@@ -18,9 +18,11 @@ The notebooks build their configurations with the functions below (`erm_run`, `m
 - notebook 06 (MRNet): MRNet (Stages I and II) on the same pair, and the λ_mr sweep on a short budget
   (`MR_SWEEP_ITERATIONS`, Stage I only).
 - notebook 07 (PFR): source only, AdaptSegNet, PFR and PFR without its adversarial term on the same pair,
-  for each of `PFR_SEEDS` (`pfr_runs`; the smoke preset keeps the first two seeds).
-- notebook 08 (self-training): source only, CBST and DRSL on the same pair, over `self_training_seeds`
-  (`self_training_runs`).
+  seed 0 (`pfr_runs`);
+- notebook 08 (self-training): source only, CBST and DRSL on the same pair, seed 0 (`self_training_runs`).
+
+Notebooks 02, 03, 07 and 08 read their five-seed comparisons from the benchmark files the repository ships
+(`dgnb.analysis.shipped_bench`) instead of training every seed in the lab.
 """
 
 from __future__ import annotations
@@ -93,12 +95,7 @@ MR_SWEEP_ITERATIONS = 300
 #: Notebook 07: label -> (method, hyperparameters changed from its defaults), and the seeds of its intervals.
 PFR_NOTEBOOK_RUNS = {"source only": ("source_only", {}), "AdaptSegNet": ("adaptsegnet", {}), "PFR": ("pfr", {}),
                      "PFR without L_adv": ("pfr", {"adv_weight_main": 0.0})}
-PFR_SEEDS = (0, 1, 2)
-
-
-def pfr_seeds(preset_name: str, seeds: Any = PFR_SEEDS) -> list[int]:
-    """Notebook 07's seeds: `seeds`, the first two on the smoke preset (an interval needs two)."""
-    return list(seeds)[:2] if preset_name == "smoke" else list(seeds)
+PFR_SEEDS = (0,)
 
 
 def pfr_runs(preset_name: str = "quick", seeds: Any = PFR_SEEDS, pair: str = UDA_PAIR,
@@ -108,7 +105,7 @@ def pfr_runs(preset_name: str = "quick", seeds: Any = PFR_SEEDS, pair: str = UDA
     out: dict[str, dict[int, RunConfig]] = {}
     for label, (method, extra) in PFR_NOTEBOOK_RUNS.items():
         hp = {**(hparams or {}), **extra} if method == "pfr" else {}
-        out[label] = {s: uda_run(preset_name, method, s, pair, hp) for s in pfr_seeds(preset_name, seeds)}
+        out[label] = {s: uda_run(preset_name, method, s, pair, hp) for s in seeds}
     return out
 
 
@@ -135,14 +132,9 @@ def mr_sweep_runs(preset_name: str = "quick", seed: int = 0, pair: str = UDA_PAI
             for lam in MR_SWEEP}
 
 
-#: Notebook 08's comparison: table label -> method, and the seeds it trains (`self_training_seeds`).
+#: Notebook 08's comparison: table label -> method, and the seeds it trains.
 SELF_TRAINING_METHODS = {"source only": "source_only", "CBST": "cbst", "DRSL": "drsl"}
-SELF_TRAINING_SEEDS = (0, 1, 2)
-
-
-def self_training_seeds(preset_name: str, seeds: Any = SELF_TRAINING_SEEDS) -> list[int]:
-    """Notebook 08's seeds: `seeds`, the first two on the smoke preset."""
-    return list(seeds) if preset_name != "smoke" else list(seeds)[:2]
+SELF_TRAINING_SEEDS = (0,)
 
 
 def self_training_runs(preset_name: str = "quick", seeds: Any = SELF_TRAINING_SEEDS, pair: str = UDA_PAIR,
@@ -150,7 +142,6 @@ def self_training_runs(preset_name: str = "quick", seeds: Any = SELF_TRAINING_SE
     """Notebook 08: label -> the configurations of source only, CBST and DRSL over the notebook's seeds;
     `hparams[method]` holds a method's changed hyperparameters."""
     hparams = hparams or {}
-    seeds = self_training_seeds(preset_name, seeds)
     return {label: [uda_run(preset_name, m, s, pair, hparams=hparams.get(m)) for s in seeds]
             for label, m in SELF_TRAINING_METHODS.items()}
 
@@ -184,9 +175,8 @@ def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
     from .engine.runs import run_dir
 
     candidates = [CourseRun("01_domain_shift", "ERM", erm_run(preset_name, seed))]
-    seeds02 = [0, 1, 2] if preset_name != "smoke" else [0, 1]  # notebook 02's SEEDS
-    candidates += [CourseRun("02_meta_learning", f"{label} seed {s}", preset(preset_name, m, s))
-                   for s in seeds02 for label, m in (("ERM", "erm"), ("MLDG", "mldg"))]
+    candidates += [CourseRun("02_meta_learning", label, preset(preset_name, m, seed))
+                   for label, m in (("ERM", "erm"), ("MLDG", "mldg"))]
     candidates += [CourseRun("03_pin_the_memory", label, cfg) for label, cfg in method_runs(preset_name, seed).items()]
     candidates += [CourseRun("03_pin_the_memory", f"ablation: {v}", cfg)
                    for v, cfg in ablation_runs(preset_name, seed).items()]
@@ -196,10 +186,10 @@ def course_plan(preset_name: str = "quick", seed: int = 0) -> list[CourseRun]:
     candidates += [CourseRun("06_mrnet", "MRNet", uda_run(preset_name, "mrnet", seed))]
     candidates += [CourseRun("06_mrnet", f"λ_mr = {lam:g} (Stage I, short)", cfg)
                    for lam, cfg in mr_sweep_runs(preset_name, seed).items()]
-    candidates += [CourseRun("07_pfr", f"{label} seed {s}", cfg)
-                   for label, by_seed in pfr_runs(preset_name).items() for s, cfg in by_seed.items()]
-    candidates += [CourseRun("08_self_training_drsl", f"{label} seed {cfg.seed}", cfg)
-                   for label, cfgs in self_training_runs(preset_name).items() for cfg in cfgs]
+    candidates += [CourseRun("07_pfr", label, cfg)
+                   for label, by_seed in pfr_runs(preset_name, [seed]).items() for cfg in by_seed.values()]
+    candidates += [CourseRun("08_self_training_drsl", label, cfg)
+                   for label, cfgs in self_training_runs(preset_name, [seed]).items() for cfg in cfgs]
     plan: dict[Path, CourseRun] = {}
     for item in candidates:
         item.dir = run_dir(item.config)

@@ -59,7 +59,7 @@ import torch
 
 from dgnb.config import preset
 from dgnb.data.city import DOMAINS
-from dgnb.data.folder import SegFolder
+from dgnb.data.inspect import load_split
 from dgnb.data.taxonomy import CLASS_ID, CLASSES
 from dgnb.engine.runs import make_method, prepare_data, train
 from dgnb.engine.train import resolve_device
@@ -75,10 +75,7 @@ n_images = 40 if PRESET != "smoke" else 4
 
 def val_images(domain: str, n: int = n_images) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `n` val images of `domain`: images (n, 3, H, W) in [0, 1] and labels (n, H, W)."""
-    ds = SegFolder(cfg.data.root, domain, "val", limit=n)
-    items = [ds[i] for i in range(len(ds))]
-    return (torch.stack([it["image"].as_subclass(torch.Tensor) for it in items]).float() / 255,
-            torch.stack([it["label"].as_subclass(torch.Tensor) for it in items]))
+    return load_split(cfg.data.root, domain, "val", n)
 
 
 images, labels = {}, {}

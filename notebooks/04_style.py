@@ -61,7 +61,7 @@ import torch
 from dgnb.analysis import channel_statistics, severity_curves
 from dgnb.config import preset
 from dgnb.course import style_runs
-from dgnb.data.folder import SegFolder
+from dgnb.data.inspect import load_split
 from dgnb.engine.runs import prepare_data, train
 from dgnb.methods.base import changed_hparams
 from dgnb.viz.style import (covariance_figure, sample_embeddings, semantic_tsne_figure, severity_figure,
@@ -80,10 +80,7 @@ n_images = 40 if PRESET != "smoke" else 4
 
 def val_images(domain: str, n: int = n_images) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `n` val images of `domain`: images (n, 3, H, W) in [0, 1] and labels (n, H, W)."""
-    ds = SegFolder(cfg.data.root, domain, "val", limit=n)
-    items = [ds[i] for i in range(len(ds))]
-    return (torch.stack([it["image"].as_subclass(torch.Tensor) for it in items]).float() / 255,
-            torch.stack([it["label"].as_subclass(torch.Tensor) for it in items]).long())
+    return load_split(cfg.data.root, domain, "val", n)
 
 
 images, labels = {}, {}

@@ -54,7 +54,7 @@ import torch
 
 from dgnb.config import UDA_PAIRS
 from dgnb.course import uda_run
-from dgnb.data.folder import SegFolder
+from dgnb.data.inspect import load_split
 from dgnb.engine.runs import prepare_data, train
 from dgnb.methods.base import changed_hparams
 
@@ -70,10 +70,7 @@ print(f"adapting {SOURCE} -> {TARGET}; evaluated on {cfg.data.targets}")
 
 def split_images(domain: str, split: str = "val", n: int = n_images) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `n` images of a split: images (n, 3, H, W) in [0, 1] and labels (n, H, W)."""
-    ds = SegFolder(cfg.data.root, domain, split, limit=n)
-    items = [ds[i] for i in range(len(ds))]
-    return (torch.stack([it["image"].as_subclass(torch.Tensor) for it in items]).float() / 255,
-            torch.stack([it["label"].as_subclass(torch.Tensor) for it in items]))
+    return load_split(cfg.data.root, domain, split, n)
 
 
 # %% [markdown]

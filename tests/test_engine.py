@@ -14,6 +14,7 @@ import torch
 
 from dgnb.config import apply_overrides, preset
 from dgnb.data.folder import DatasetLayoutError, SegFolder
+from dgnb.data.inspect import load_split
 from dgnb.data.loaders import IterationBatchSampler
 from dgnb.data.taxonomy import LabelError
 from dgnb.engine.evaluate import SegMetrics, confusion_matrix
@@ -89,6 +90,18 @@ def test_erm_learns_the_toy_task(toy_root, tmp_path):
     hist = [h for h in run.history if "loss" in h]
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert run.metrics["source_val_miou"] > 40
+
+
+def test_load_split_is_the_first_images_as_one_batch(toy_root):
+    ds = SegFolder(toy_root, "a", "val")
+    images, labels = load_split(toy_root, "a", "val", 2)
+    assert images.dtype == torch.float32 and images.shape[0] == labels.shape[0] == 2 and labels.dtype == torch.int64
+    for i in range(2):
+        item = ds[i]
+        assert torch.equal(images[i], item["image"].as_subclass(torch.Tensor).float() / 255)
+        assert torch.equal(labels[i], item["label"].as_subclass(torch.Tensor))
+    unlabelled, none = load_split(toy_root, "c", "train", 3, labels=False)
+    assert none is None and unlabelled.shape[0] == 3 and 0 <= unlabelled.min() and unlabelled.max() <= 1
 
 
 def test_bad_inputs_name_the_problem(tmp_path, toy_root):

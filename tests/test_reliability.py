@@ -22,8 +22,8 @@ from dgnb.cli import main as dgnb_main
 from dgnb.config import RunConfig, apply_overrides, preset
 from dgnb.data.city import ensure_city, render, sweep
 from dgnb.data.folder import DatasetLayoutError, SegFolder
-from dgnb.engine.runs import Run, evaluate_domains, make_method, prepare_data, run_dir, train
-from dgnb.io import atomic_save_png, atomic_write_json
+from dgnb.engine.runs import Run, evaluate_domains, make_method, prepare_data, train
+from dgnb.io import atomic_save_png
 from tests import fixtures_native as fx
 from tests.conftest import make_toy_dataset, toy_config
 
@@ -340,6 +340,33 @@ def test_bench_writes_partial_results_as_runs_finish(smoke_root, home, tmp_path,
                              out=out, progress=False)
     assert seen[0] is None and [r["seed"] for r in seen[1]] == [0]  # seed 0 on disk while seed 1 trained
     assert json.loads(out.read_text())["runs"] == result["runs"] and len(result["runs"]) == 2
+
+
+def test_bench_reuse_takes_recorded_runs_and_refuses_other_set_ups(smoke_root, home, tmp_path, monkeypatch, capsys):
+    from dgnb.engine import bench as bench_mod
+
+    common = {"data.root": str(smoke_root), "data.targets": ["near"]}
+    first = tmp_path / "first.json"
+    recorded = bench_mod.bench("smoke", ["erm"], [0, 1], common, out=first, progress=False)["runs"]
+
+    def no_training(cfg, **kw):
+        raise AssertionError(f"trained {cfg.method} seed {cfg.seed}")
+
+    monkeypatch.setattr(bench_mod, "train", no_training)
+    again = bench_mod.bench("smoke", ["erm"], [1, 0], common, progress=False, reuse=[first])
+    assert [r["seed"] for r in again["runs"]] == [1, 0]
+    assert again["runs"][1] == {**recorded[0], "reused_from": str(first)}
+    assert again["reused"] == {"erm seed 1": str(first), "erm seed 0": str(first)}
+    with pytest.raises(bench_mod.ReuseError, match=r"not for seeds \[2\]"):
+        bench_mod.bench("smoke", ["erm"], [0, 2], common, progress=False, reuse=[first])
+    with pytest.raises(bench_mod.ReuseError, match="iterations is 6 there, 3 here"):
+        bench_mod.bench("smoke", ["erm"], [0], {**common, "train.iterations": 3, "optim.iterations": 3},
+                        progress=False, reuse=[first])
+    with pytest.raises(bench_mod.ReuseError, match=r"other settings \(optim.lr\)"):
+        bench_mod.bench("smoke", ["erm"], [0], {**common, "optim.lr": 0.123}, progress=False, reuse=[first])
+    code, _, err = dgnb(capsys, "bench", "--preset", "smoke", "--data-root", str(smoke_root), "--targets", "near",
+                        "--reuse", str(tmp_path / "missing.json"), "--no-progress")
+    assert code == 2 and "missing.json: no such file" in one_line_error(err)
 
 
 def test_bench_out_that_is_a_folder_fails_before_training(smoke_root, home, tmp_path, capsys, monkeypatch):

@@ -163,25 +163,105 @@ def check_output_file(out: str | Path | None) -> None:
         raise PermissionError(errno.EACCES, "the output's folder is not writable", str(parent))
 
 
+class ReuseError(ValueError):
+    """A `--reuse` bench file that cannot stand in for training: it names the mismatch."""
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _same_training(cfg: RunConfig, record: dict[str, Any]) -> str | None:
+    """Why `record` (a run of an earlier bench file) is not a run of `cfg`, or None when it is: the preset,
+    setting, domains, iterations and evaluation must match, and, where its run folder is here, the whole
+    training configuration (hyperparameters included)."""
+    from .runs import eval_key, read_json, training_dict
+
+    d = cfg.data
+    expected = {"preset": cfg.preset, "setting": cfg.setting, "uda_target": d.uda_target,
+                "sources": list(d.sources), "iterations": cfg.train.iterations, "eval_key": eval_key(cfg)}
+    for field, value in expected.items():
+        if record.get(field) != value:
+            return f"{field} is {record.get(field)!r} there, {value!r} here"
+    saved = Path(record.get("run_dir", "")) / "config.json"
+    if record.get("run_dir") and saved.is_file():
+        theirs = _flat(training_dict(RunConfig.from_dict(read_json(saved))))
+        mine = _flat(training_dict(cfg))
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if diff:
+            return f"its run folder {saved.parent} was trained with other settings ({', '.join(diff)})"
+    return None
+
+
+def reused_runs(files: Sequence[str | Path], configs: Sequence[RunConfig]) -> dict[tuple[str, int], dict[str, Any]]:
+    """(method, seed) -> the run record of an earlier bench JSON (`dgnb bench --reuse FILE`), for the methods of
+    `configs` that a file holds for every requested seed with the same training set-up (`_same_training`).
+
+    This lets a new method be compared with rows already measured, without retraining them. The reused records
+    keep the numbers of the code that trained them and say where they come from (`reused_from`); a method only
+    partly in a file, or recorded with other settings, is an error rather than a silent mix."""
+    import json
+
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for f in files:
+        try:
+            data = json.loads(Path(f).read_text())
+        except FileNotFoundError:
+            raise ReuseError(f"--reuse {f}: no such file; give a file written by `dgnb bench --out`") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ReuseError(f"--reuse {f} is not valid JSON ({e}); give a file written by `dgnb bench --out`") from e
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+            raise ReuseError(f"--reuse {f}: not a `dgnb bench` results file (no 'runs' list); give a file "
+                             "written by `dgnb bench --out`")
+        recorded = {(r.get("method"), r.get("seed")): r for r in data["runs"]}
+        by_method: dict[str, list[RunConfig]] = {}
+        for cfg in configs:
+            by_method.setdefault(cfg.method, []).append(cfg)
+        for method, cfgs in by_method.items():
+            have = [c for c in cfgs if (method, c.seed) in recorded]
+            if not have or all((method, c.seed) in out for c in cfgs):
+                continue
+            if len(have) < len(cfgs):
+                missing = [c.seed for c in cfgs if (method, c.seed) not in recorded]
+                raise ReuseError(f"--reuse {f} holds {method} but not for seeds {missing}; drop those seeds, or "
+                                 f"train {method} here by leaving it out of the reused file")
+            for c in cfgs:
+                why = _same_training(c, recorded[(method, c.seed)])
+                if why:
+                    raise ReuseError(f"--reuse {f}: its {method} seed {c.seed} is another run ({why}); rerun "
+                                     "without --reuse to train it")
+                out[(method, c.seed)] = {**recorded[(method, c.seed)], "reused_from": str(f)}
+    return out
+
+
 def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overrides: dict[str, Any] | None = None,
           force: bool = False, out: str | Path | None = None, progress: bool = True,
           reference: str | None = None, setting: str = "dg",
-          contrasts: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+          contrasts: Sequence[tuple[str, str]] = (), reuse: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Run every (method, seed); return {"preset", "domains", "runs", "table", "comparisons", "comparison_table"}
     and write it to `out`. `reference` (default: the first method) is what the paired differences are taken to.
     `setting="uda"`: the UDA recipe, adapting to `data.uda_target` (docs/adaptation.md).
 
     A multi-stage method also gets a row per earlier stage (`mrnet@stage1`: its weights at the end of Stage I),
     compared like a method. `contrasts`, pairs (A, B), add the paired differences A − B between any two rows
-    (e.g. ('mrnet', 'mrnet@stage1'), ('mrnet@stage1', 'adaptsegnet')) as `contrasts` / `contrast_table`."""
+    (e.g. ('mrnet', 'mrnet@stage1'), ('mrnet@stage1', 'adaptsegnet')) as `contrasts` / `contrast_table`.
+    `reuse`: earlier bench files whose runs of the same set-up stand in for training (`reused_runs`)."""
     configs = [preset(preset_name, m, s, setting=setting, **(overrides or {})) for m in methods for s in seeds]
     if not configs:
         raise ValueError("no runs: give at least one method and one seed")
     check_output_file(out)
+    taken = reused_runs(reuse, configs) if reuse else {}
     prepare_data(configs[0], progress)
     domains = domain_roles(configs[0])
     runs = []
     for cfg in configs:
+        if (cfg.method, cfg.seed) in taken:
+            runs.append(taken[(cfg.method, cfg.seed)])
+            continue
         run = train(cfg, force=force, progress=progress)
         runs.append({**run.metrics, "run_dir": str(run.dir)})
         if out is not None and len(runs) < len(configs):  # partial results as runs finish (atomic)
@@ -200,6 +280,8 @@ def bench(preset_name: str, methods: Sequence[str], seeds: Sequence[int], overri
               "table": markdown_table(rows, domains), "reference": reference, "comparisons": comparisons,
               "comparison_table": comparison_table(comparisons, domains),
               "contrasts": contrasted, "contrast_table": comparison_table(contrasted, domains)}
+    if taken:
+        result["reused"] = {f"{m} seed {s}": r["reused_from"] for (m, s), r in taken.items()}
     if out is not None:
         atomic_write_json(out, result)
     return result

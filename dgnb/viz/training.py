@@ -167,10 +167,11 @@ def target_points_figure(results: Mapping[str, Mapping[str, Sequence[float]]], b
 
 
 def results_over_seeds(runs: Mapping[str, Sequence[Any]], key: str = "target_miou") -> dict[str, dict[str, list[float]]]:
-    """{method: {domain: [value per run]}} from {method: [runs over seeds]}, reading `metrics[key]`."""
+    """{method: {domain: [value per run]}} from {method: [runs over seeds]}, reading `metrics[key]`; a run may
+    also be a `dgnb bench` record (a dict, e.g. from `dgnb.analysis.shipped_bench`)."""
     out: dict[str, dict[str, list[float]]] = {}
     for method, rs in runs.items():
         for run in rs:
-            for domain, value in run.metrics[key].items():
+            for domain, value in (run if isinstance(run, dict) else run.metrics)[key].items():
                 out.setdefault(method, {}).setdefault(domain, []).append(float(value))
     return out
