@@ -46,22 +46,18 @@ ABLATION_EVAL_LIMIT = 50
 #: benchmarks/ablation_pinthemem.py).
 SKIPPED_ABLATIONS = ("second order (paper)",)
 
-#: Wall seconds of one whole quick-preset run (1,200 iterations, periodic validation, final evaluation on
-#: 7 domains) on the reference machine (2 CPU cores), by method; used for the estimate only and filled in
-#: by measurement (README, "Preparing a lab"). A method missing here counts as the slowest one listed.
+#: Wall seconds of one whole quick-preset run (1,200 iterations, periodic validation, final evaluation) on a
+#: 2-core machine, by method; used for the estimate only. Measured by `benchmarks/course_time.py` (`make course`
+#: in a fresh home, each run timed; benchmarks/results/course_time.json) on machine 2 of the README (AMD EPYC,
+#: 2 cores); the README's machine 1 takes about twice as long. A method missing here counts as the slowest.
 QUICK_RUN_SECONDS: dict[str, float] = {
-    "erm": 100.0, "mldg": 110.0, "pinthemem": 170.0,
-    # style methods: ERM's training part times their cost per iteration relative to ERM (IBN 0.84, ISW 1.00,
-    # SPC 1.20; benchmarks/results/methods_speed_style.json)
-    "ibn": 88.0, "isw": 100.0, "spc": 115.0,
-    # UDA setting (800-iteration runs, written at QUICK_ITERATIONS as `run_seconds` scales them): AdaptSegNet
-    # measured whole, 221 s on 2 cores (195 s of training); the others from their cost per iteration relative
-    # to it (benchmarks/results/methods_speed_uda.json: source only 0.30, MinEnt 0.74, PFR 0.73, MRNet Stage I
-    # 1.58 and its Stage II about as cheap as source only)
-    "source_only": 113.0, "minent": 242.0, "adaptsegnet": 319.0, "mrnet": 330.0, "pfr": 240.0,
-    # self-training, wall seconds of whole 800-iteration runs (pseudo labels of 3 rounds and the evaluation of
-    # every stage included: CBST 360, DRSL 440), measured on a shared machine, written at QUICK_ITERATIONS
-    "cbst": 528.0, "drsl": 648.0}
+    "erm": 109.0, "mldg": 119.0, "pinthemem": 205.0, "ibn": 85.0, "isw": 103.0, "spc": 106.0,
+    # UDA setting: 800-iteration runs, written at QUICK_ITERATIONS as `run_seconds` scales them back (source only
+    # 62 s, AdaptSegNet 201 s, MinEnt 137 s, MRNet 190 s, PFR 130 s, CBST 153 s, DRSL 219 s measured whole).
+    # MRNet's Stage I costs about 5 times its Stage II per iteration, so the short Stage-I-only sweep of notebook
+    # 06 takes longer than this scaling says (116 s measured against 87 s estimated for 300 iterations).
+    "source_only": 81.0, "adaptsegnet": 288.0, "minent": 193.0, "mrnet": 273.0, "pfr": 182.0,
+    "cbst": 217.0, "drsl": 316.0}
 QUICK_ITERATIONS = 1200
 #: Of a quick run's seconds, the part that does not scale with iterations (final evaluation, 300 images per
 #: domain; it scales with the images evaluated instead).

@@ -316,8 +316,9 @@ def print_differences(records: list[dict], pairs: tuple[tuple[str, str], ...]) -
     """method − reference on the adapted target and on the mean of the targets, paired by seed."""
     for method, reference in pairs:
         d = compare_runs([r for r in records if r["method"] in (method, reference)], reference)[method]
+        n = len(d["seeds"])
         print(f"{method:11s} − {reference:17s}: {TARGET} {format_difference(d['targets'][TARGET])}, "
-              f"mean target {format_difference(d['mean_target'])} ({len(d['seeds'])} seeds)")
+              f"mean target {format_difference(d['mean_target'])}" + (f" ({n} seeds)" if n > 1 else ""))
 
 
 print_differences(bench_records({label: list(by_seed.values()) for label, by_seed in runs.items()}),

@@ -179,10 +179,10 @@ def _same_training(cfg: RunConfig, record: dict[str, Any]) -> str | None:
     """Why `record` (a run of an earlier bench file) is not a run of `cfg`, or None when it is: the preset,
     setting, domains, iterations and evaluation must match, and, where its run folder is here, the whole
     training configuration (hyperparameters included)."""
-    from .runs import eval_key, read_json, training_dict
+    from .runs import eval_key, read_json, training_dict, uda_target
 
     d = cfg.data
-    expected = {"preset": cfg.preset, "setting": cfg.setting, "uda_target": d.uda_target,
+    expected = {"preset": cfg.preset, "setting": cfg.setting, "uda_target": uda_target(cfg),
                 "sources": list(d.sources), "iterations": cfg.train.iterations, "eval_key": eval_key(cfg)}
     for field, value in expected.items():
         if record.get(field) != value:
