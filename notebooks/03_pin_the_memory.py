@@ -437,15 +437,10 @@ domain_bars(per_domain, roles, title=f"mIoU per domain ({PRESET} preset, seed {S
 # right, each method's paired difference to ERM.
 
 # %%
-import json
-from pathlib import Path
-
-import dgnb
-from dgnb.analysis import compare_runs, format_difference
+from dgnb.analysis import compare_runs, format_difference, shipped_bench
 from dgnb.viz import seed_intervals_figure
 
-shipped = Path(dgnb.__file__).parents[1] / "benchmarks" / "results" / "bench_quick_pinthemem.json"
-bench_runs = json.loads(shipped.read_text())["runs"]
+bench_runs = shipped_bench("bench_quick_pinthemem.json")
 LABELS = {"erm": "ERM", "mldg": "MLDG", "pinthemem": "Pin the Memory"}
 for ref, other in (("erm", "mldg"), ("erm", "pinthemem"), ("mldg", "pinthemem")):
     d = compare_runs([r for r in bench_runs if r["method"] in (ref, other)], ref)[other]["mean_target"]

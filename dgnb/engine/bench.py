@@ -206,6 +206,9 @@ def reused_runs(files: Sequence[str | Path], configs: Sequence[RunConfig]) -> di
     partly in a file, or recorded with other settings, is an error rather than a silent mix."""
     import json
 
+    by_method: dict[str, list[RunConfig]] = {}
+    for cfg in configs:
+        by_method.setdefault(cfg.method, []).append(cfg)
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for f in files:
         try:
@@ -218,9 +221,6 @@ def reused_runs(files: Sequence[str | Path], configs: Sequence[RunConfig]) -> di
             raise ReuseError(f"--reuse {f}: not a `dgnb bench` results file (no 'runs' list); give a file "
                              "written by `dgnb bench --out`")
         recorded = {(r.get("method"), r.get("seed")): r for r in data["runs"]}
-        by_method: dict[str, list[RunConfig]] = {}
-        for cfg in configs:
-            by_method.setdefault(cfg.method, []).append(cfg)
         for method, cfgs in by_method.items():
             have = [c for c in cfgs if (method, c.seed) in recorded]
             if not have or all((method, c.seed) in out for c in cfgs):
