@@ -33,6 +33,13 @@ Usage:
 
 Runs come from (and go to) the run cache, so a rerun only trains what is missing; the full method and
 the ERM / MLDG rows reuse the notebooks' and `dgnb bench` runs of the same preset and seed.
+
+The table grows across calls: when `--out` already holds runs of the same preset, iterations and seeds,
+made on the same machine (CPU family, AVX-512, torch version and threads: CPU kernels differ in the last
+bits between CPU generations, which moves every number by seed-noise amounts and breaks the pairing),
+the runs of the variants not named this time are kept (listed in the JSON's `kept`), so the variants can
+be trained in several sittings. Kept rows carry the numbers of the code that trained them; the script
+warns when a rerun full method's numbers differ from the file's (the library changed in between).
 """
 
 from __future__ import annotations
@@ -87,6 +94,40 @@ def memory_diagnostics(run) -> dict[str, float]:
     return {k: round(v, 4) for k, v in memory_read_diagnostics(method, torch.stack(images), torch.stack(labels)).items()}
 
 
+def _read(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def kept_runs(out: Path, preset_name: str, iterations: int, seeds: list[int], rerun: set[str]) -> list[dict[str, Any]]:
+    """The runs an earlier call wrote to `out` for variants not rerun now (same preset, iterations, seeds)."""
+    from dgnb.engine.bench import machine_info
+
+    old = _read(out)
+    if not old:
+        return []
+    if (old.get("preset"), old.get("iterations"), old.get("seeds")) != (preset_name, iterations, seeds):
+        print(f"{out} holds another set-up ({old.get('preset')}, {old.get('iterations')} iterations, seeds "
+              f"{old.get('seeds')}); it is replaced, not extended")
+        return []
+    if old.get("machine") != machine_info():
+        print(f"{out} was made on another machine ({old.get('machine')}); its runs cannot be paired with this "
+              "machine's, so it is replaced, not extended (use another --out to keep it)")
+        return []
+    return [r for r in old.get("runs", []) if r["variant"] not in rerun and r["variant"] in VARIANTS]
+
+
+def check_full_reproduces(old: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Warn when kept rows are paired with full-method runs whose numbers differ from the file's."""
+    before = {r["seed"]: r["mean_target_miou"] for r in old.get("runs", []) if r["variant"] == FULL}
+    now = {r["seed"]: r["mean_target_miou"] for r in runs if r["variant"] == FULL}
+    moved = {s: (before[s], now[s]) for s in before.keys() & now.keys() if abs(before[s] - now[s]) > 1e-9}
+    if moved:
+        print(f"warning: the full method's mean target moved against the earlier file {moved}; kept rows "
+              "were paired with other full runs than they were trained beside")
+
+
 def _fmt(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
@@ -133,7 +174,7 @@ def markdown(preset_name: str, seeds: list[int], iterations: int, domains: dict[
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -142,7 +183,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (threads are split between them)")
     p.add_argument("--force", action="store_true", help="retrain even when a cached run exists")
     p.add_argument("--out", default=str(RESULTS / "ablation_pinthemem.json"), help="JSON path; the .md goes beside it")
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     from dgnb.engine.bench import domain_roles
     from dgnb.engine.runs import prepare_data
@@ -154,15 +195,18 @@ def main() -> None:
     jobs = [(a.preset, v, s, threads, a.force, a.jobs == 1) for v in a.variants for s in a.seeds]
     domains = domain_roles(cfg)
     out = Path(a.out)
-    runs: list[dict[str, Any]] = []
+    out_before = _read(out)
+    kept = kept_runs(out, a.preset, cfg.train.iterations, a.seeds, set(a.variants))
+    runs: list[dict[str, Any]] = list(kept)
+    variants = [v for v in VARIANTS if v in a.variants or any(r["variant"] == v for r in kept)]
 
     def write() -> str:  # after every run: a partial table is kept if the script is stopped
         table = markdown(a.preset, a.seeds, cfg.train.iterations, domains, runs)
         atomic_write_json(out, {
             "preset": a.preset, "machine": machine_info(), "seeds": a.seeds, "iterations": cfg.train.iterations,
             "domains": domains, "variants": {v: {"paper_row": VARIANTS[v][0], "method": VARIANTS[v][1],
-                                                 "config": config(a.preset, v, 0).hparams} for v in a.variants},
-            "runs": runs, "table": table,
+                                                 "config": config(a.preset, v, 0).hparams} for v in variants},
+            "kept": sorted({r["variant"] for r in kept}), "runs": runs, "table": table,
         })
         atomic_write_bytes(out.with_suffix(".md"), table.encode())
         return table
@@ -177,6 +221,7 @@ def main() -> None:
                 runs.append(run)
                 write()
     table = write()
+    check_full_reproduces(out_before, runs)
     print(table)
     print(f"wrote {out} and {out.with_suffix('.md')}")
 

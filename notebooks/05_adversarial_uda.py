@@ -47,7 +47,6 @@ HPARAMS = {  # per method (dgnb.methods.<name>.Hparams); only changed values ent
 }
 
 # %%
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -182,18 +181,15 @@ assert torch.allclose(normalized_entropy(probe), entropy_map(probe), atol=1e-5) 
 # method on 2 CPU cores (the discriminators make AdaptSegNet the slowest); afterwards it is instant.
 
 # %%
-from dgnb.data.city import DOMAINS
-from dgnb.viz import domain_bars
+from dgnb.viz.adaptation import uda_results
 
 runs = {label: train(c) for label, c in configs.items()}
-pd.DataFrame([{"method": label, f"{SOURCE} (source, val)": r.metrics["source_val_miou"], **r.metrics["target_miou"],
-               "train s": r.metrics["train_seconds"]} for label, r in runs.items()]).set_index("method")
+table, bars = uda_results(runs, SOURCE, TARGET,
+                          title=f"mIoU per domain, adapting {SOURCE} -> {TARGET} ({PRESET}, seed {SEED})")
+table
 
 # %%
-per_domain = {label: {SOURCE: r.metrics["source_val_miou"], **r.metrics["target_miou"]} for label, r in runs.items()}
-roles = {dom: ("source" if dom == SOURCE else DOMAINS[dom].role + (", adapted" if dom == TARGET else ""))
-         for dom in per_domain["source only"]}
-domain_bars(per_domain, roles, title=f"mIoU per domain, adapting {SOURCE} -> {TARGET} ({PRESET}, seed {SEED})")
+bars
 
 # %% [markdown]
 # Compare the bars of the adapted target first, then the other targets: adaptation is aimed at one

@@ -57,7 +57,6 @@ HPARAMS = {  # PFR (dgnb.methods.pfr.PFR.Hparams); only changed values enter the
 }
 
 # %%
-import pandas as pd
 import torch
 
 from dgnb.config import UDA_PAIRS
@@ -243,19 +242,16 @@ for mode in ("resize", "crop", "pool"):
 # it is instant. The table shows seed `SEED`.
 
 # %%
-from dgnb.data.city import DOMAINS
-from dgnb.viz import domain_bars
+from dgnb.viz.adaptation import uda_results
 
 runs = {label: {s: train(c) for s, c in by_seed.items()} for label, by_seed in configs.items()}
 one = {label: by_seed[SEED] for label, by_seed in runs.items()}
-pd.DataFrame([{"method": label, f"{SOURCE} (source, val)": r.metrics["source_val_miou"], **r.metrics["target_miou"],
-               "train s": r.metrics["train_seconds"]} for label, r in one.items()]).set_index("method")
+table, bars = uda_results(one, SOURCE, TARGET,
+                          title=f"mIoU per domain, adapting {SOURCE} -> {TARGET} ({PRESET}, seed {SEED})")
+table
 
 # %%
-per_domain = {label: {SOURCE: r.metrics["source_val_miou"], **r.metrics["target_miou"]} for label, r in one.items()}
-roles = {dom: ("source" if dom == SOURCE else DOMAINS[dom].role + (", adapted" if dom == TARGET else ""))
-         for dom in per_domain["source only"]}
-domain_bars(per_domain, roles, title=f"mIoU per domain, adapting {SOURCE} -> {TARGET} ({PRESET}, seed {SEED})")
+bars
 
 # %% [markdown]
 # Look at the adapted target's group first, then at the others: one seed moves each bar by a point or

@@ -324,3 +324,37 @@ def test_slot_similarity_and_step_table_figures():
         built = make_method(ablation_config("smoke", variant, 0), torch.device("cpu"))
         assert all(getattr(built.hp, k) == v for k, v in hparams.items()), variant
     plt.close("all")
+
+
+def test_ablation_script_keeps_earlier_rows_of_the_same_machine_only(smoke_home, monkeypatch, tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    monkeypatch.setenv("DGNB_HOME", str(smoke_home))
+    path = Path(__file__).parents[1] / "benchmarks" / "ablation_pinthemem.py"
+    spec = importlib.util.spec_from_file_location("ablation_pinthemem", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "abl.json"
+    base = ["--preset", "smoke", "--seeds", "0", "--out", str(out)]
+
+    script.main(base + ["--variants", "full (first order)", "w/o L_div"])
+    first = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"]) for r in first["runs"]] == [("full (first order)", 0), ("w/o L_div", 0)]
+    assert all("own_slot_weight" in r["memory"] for r in first["runs"])
+    table = out.with_suffix(".md").read_text()
+    assert "| w/o L_div | Tab. 5 | 1 |" in table and "| full (first order) | Tab. 5-7: ours | 1 |" in table
+
+    script.main(base + ["--variants", "full (first order)", "ERM"])  # w/o L_div is kept, full comes from the cache
+    second = json.loads(out.read_text())
+    assert second["kept"] == ["w/o L_div"] and list(second["variants"]) == ["full (first order)", "w/o L_div", "ERM"]
+    assert sorted(r["variant"] for r in second["runs"]) == ["ERM", "full (first order)", "w/o L_div"]
+    assert "| ERM | Tab. 7: Agg. | 1 |" in out.with_suffix(".md").read_text()
+    assert "warning" not in capsys.readouterr().out  # the cached full runs reproduce the file's numbers
+
+    second["machine"]["cpu_id"] = "another CPU"  # runs of another machine cannot be paired with this one's
+    out.write_text(json.dumps(second))
+    script.main(base + ["--variants", "ERM"])
+    assert "made on another machine" in capsys.readouterr().out
+    assert {r["variant"] for r in json.loads(out.read_text())["runs"]} == {"ERM"}

@@ -348,3 +348,22 @@ def test_class_balanced_pseudo_labels_keep_the_portion_per_class(toy_root, tmp_p
     assert m["rule"] == {"rule": "class_balanced", "threshold": None, "portion": 0.3}
     assert len(m["kept_fraction"]) == 19 and all(abs(f - 0.3) < 0.01 for f in m["kept_fraction"].values())
     assert abs(m["kept_overall"] - 0.3) < 0.01 and all(t is not None for t in m["thresholds"].values())
+
+
+def test_uda_results_table_and_bars_mark_the_adapted_target():
+    from types import SimpleNamespace
+
+    from dgnb.viz.adaptation import uda_results
+
+    def run(src: float, near: float, fog: float) -> SimpleNamespace:
+        return SimpleNamespace(metrics={"source_val_miou": src, "target_miou": {"near": near, "far_fog": fog},
+                                        "train_seconds": 1.0})
+
+    table, fig = uda_results({"source only": run(50, 30, 20), "AdaptSegNet": run(48, 36, 21)}, "source_a", "near")
+    assert list(table.index) == ["source only", "AdaptSegNet"]
+    assert list(table.columns) == ["source_a (source, val)", "near", "far_fog", "train s"]
+    assert table.loc["AdaptSegNet", "near"] == 36
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["source_a\n(source)", "near\n(near, adapted)", "far_fog\n(far)"]
+    heights = sorted(round(b.get_height()) for b in fig.axes[0].patches if b.get_height() > 0)
+    assert heights == [20, 21, 30, 36, 48, 50]

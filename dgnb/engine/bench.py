@@ -78,17 +78,20 @@ def machine_info() -> dict[str, Any]:
     and CPU results differ in the last bits between CPU models, which moves mIoU by seed-noise amounts)."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu, family, flags = platform.processor() or platform.machine(), None, set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                    if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = info.get("model name", cpu)
+        family = f"family {info.get('cpu family')} model {info.get('model')}" if "cpu family" in info else None
+        flags = set(info.get("flags", "").split())
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "gpu": gpu}
+    # "AMD EPYC" names several generations; the family/model and AVX-512 tell which kernels ran
+    return {"cpu": cpu, "cpu_id": family, "avx512": "avx512f" in flags, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu}
 
 
 def _fmt(values: Sequence[float | None]) -> str:

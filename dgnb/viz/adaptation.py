@@ -9,6 +9,8 @@
   and target images (MRNet Fig. 1), shown as log(1 + 10 KL) like the official code.
 - `disagreement_error_figure`: the error rate of the primary prediction per bin of disagreement.
 - `pseudo_label_figure`: per class, the kept fraction and the accuracy of pseudo labels (their manifest).
+- `uda_results`: one seed's runs of a UDA pair as a table (source val, every target, train time) and
+  grouped bars per domain, the adapted target marked (notebooks 05 and 07).
 - `uda_explorer`: an ipywidgets explorer over target images: both heads, their disagreement, the fusion.
 Every figure function returns a matplotlib Figure; the explorer returns a widget.
 """
@@ -24,7 +26,7 @@ from matplotlib.figure import Figure
 from torch.nn import functional as F
 
 from ..data.taxonomy import CLASSES, IGNORE_INDEX, colorize
-from .figures import class_legend, to_numpy_image
+from .figures import class_legend, domain_bars, to_numpy_image
 from .training import history_series
 
 
@@ -199,6 +201,24 @@ def pseudo_label_figure(manifest: Mapping[str, Any], title: str | None = None) -
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def uda_results(runs: Mapping[str, Any], source: str, target: str, title: str | None = None) -> tuple[Any, Figure]:
+    """Runs of one UDA pair, label -> `Run`: a DataFrame (one row per run: mIoU on the source's val split,
+    on every target, training seconds) and grouped bars of mIoU per domain, each domain labelled with its
+    role and the adapted `target` marked "adapted" (adaptation aims at one domain and may move the others)."""
+    import pandas as pd
+
+    from ..data.city import DOMAINS
+
+    table = pd.DataFrame([{"method": label, f"{source} (source, val)": r.metrics["source_val_miou"],
+                           **r.metrics["target_miou"], "train s": r.metrics["train_seconds"]}
+                          for label, r in runs.items()]).set_index("method")
+    per_domain = {label: {source: r.metrics["source_val_miou"], **r.metrics["target_miou"]} for label, r in runs.items()}
+    domains = next(iter(per_domain.values()))
+    roles = {d: "source" if d == source else (DOMAINS[d].role if d in DOMAINS else "target")
+             + (", adapted" if d == target else "") for d in domains}
+    return table, domain_bars(per_domain, roles, title=title or f"mIoU per domain, adapting {source} -> {target}")
 
 
 def uda_explorer(method: Any, images: torch.Tensor, labels: torch.Tensor, aux_fusion: float = 0.5) -> Any:
