@@ -107,9 +107,9 @@ def main() -> None:
     os.environ["DGNB_PRESET"] = a.preset
     os.environ.pop("MPLBACKEND", None)  # the kernels draw inline, as in a lab
 
-    from dgnb.course import course_plan
+    from dgnb.course import course_plan, prepare_course
     from dgnb.engine.bench import machine_info
-    from dgnb.engine.runs import prepare_data, train
+    from dgnb.engine.runs import prepare_data
     from dgnb.io import atomic_write_bytes, atomic_write_json
 
     notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
@@ -121,23 +121,23 @@ def main() -> None:
         atomic_write_json(a.out, result)
         atomic_write_bytes(Path(a.out).with_suffix(".md"), markdown(result).encode())
 
-    plan = [] if a.notebooks_only else course_plan(a.preset)
     if a.notebooks_only:
         result.update({k: previous[k] for k in ("runs", "city_seconds", "course_seconds")})
     else:
         start = time.perf_counter()
-        prepare_data(plan[0].config, progress=False)
+        prepare_data(course_plan(a.preset)[0].config, progress=False)  # timed apart from the runs
         result["city_seconds"] = round(time.perf_counter() - start, 1)
         save()
-    for item in plan:
-        t = time.perf_counter()
-        train(item.config, progress=False)
-        result["runs"].append({"label": item.label, "notebooks": item.notebook, "method": item.config.method,
-                               "iterations": item.config.train.iterations, "first_notebook": first_notebook(item.notebook),
-                               "seconds": round(time.perf_counter() - t, 1)})
-        result["course_seconds"] = round(time.perf_counter() - start, 1)
-        print(f"{item.label} ({item.config.method}): {result['runs'][-1]['seconds']} s", flush=True)
-        save()
+
+        def record(item: Any, run: Any, seconds: float) -> None:
+            result["runs"].append({"label": item.label, "notebooks": item.notebook, "method": item.config.method,
+                                   "iterations": item.config.train.iterations,
+                                   "first_notebook": first_notebook(item.notebook), "seconds": round(seconds, 1)})
+            result["course_seconds"] = round(time.perf_counter() - start, 1)
+            print(f"{item.label} ({item.config.method}): {result['runs'][-1]['seconds']} s", flush=True)
+            save()
+
+        prepare_course(a.preset, progress=False, on_run=record)
     if a.skip_notebooks:
         return
     import jupytext

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import RunConfig, preset
 
@@ -253,12 +253,13 @@ def plan_table(plan: list[CourseRun]) -> str:
 
 
 def prepare_course(preset_name: str = "quick", seed: int = 0, force: bool = False, progress: bool = True,
-                   log: Any = print) -> list:
+                   log: Any = print, on_run: Callable[[Any, Any, float], None] | None = None) -> list:
     """Train (or find in the run cache) every run the notebooks need; returns their `Run`s.
 
     Prints the number of runs, how many are cached and the estimated time on the reference machine
     (cached runs count 0), then shows one progress bar over the runs. Interrupt it at any time: finished
     runs stay cached and the run in progress resumes from its last checkpoint on the next call.
+    `on_run(planned, run, seconds)` is called after each run with its wall time (the course timing uses it).
     """
     from tqdm.auto import tqdm
 
@@ -283,7 +284,10 @@ def prepare_course(preset_name: str = "quick", seed: int = 0, force: bool = Fals
     try:
         for item, sec in zip(plan, estimates):
             bar.set_postfix_str(f"now: {item.label} ({item.config.method}), about {_fmt(remaining)} left")
+            t = time.perf_counter()
             runs.append(train(item.config, force=force, progress=False))
+            if on_run is not None:
+                on_run(item, runs[-1], time.perf_counter() - t)
             remaining -= sec
             bar.update(1)
         bar.set_postfix_str("done")

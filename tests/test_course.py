@@ -59,9 +59,12 @@ def test_prepare_trains_every_run_once_and_a_second_call_is_instant(smoke_home, 
     assert all(estimate_seconds(c) == 0 for c in course_runs("smoke"))
     capsys.readouterr()
     start = time.perf_counter()
-    again = prepare_course("smoke", progress=False)
+    seen = []
+    again = prepare_course("smoke", progress=False, on_run=lambda item, run, s: seen.append((item.label, run.dir, s)))
     # "instant": hashing each run's key and checking its checkpoint, no training (0.4 s a run on a loaded 2-core machine)
     assert time.perf_counter() - start < max(5, 0.4 * len(runs)) and [r.dir for r in again] == [r.dir for r in runs]
+    assert [(label, d) for label, d, _ in seen] == [(p.label, r.dir) for p, r in zip(course_plan("smoke"), runs)]
+    assert all(s >= 0 for *_, s in seen)
     out = capsys.readouterr().out
     assert f"{len(runs)} runs, {len(runs)} already in the run cache; estimated 0 s" in out
     dgnb_main(["course", "list", "--preset", "smoke"])
